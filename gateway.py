@@ -1,0 +1,772 @@
+"""Gateway: the public entry point of the movie shop.
+
+Routes (a trailing slash is accepted on each):
+    *    /api/movies...   proxied as is to inventory over HTTP
+    POST /api/billing     validated, then published to the billing queue;
+                          200 only once RabbitMQ has confirmed the message
+    GET  /health          whether inventory and RabbitMQ are reachable
+    GET  /openapi.yaml    the API description; GET /docs shows it in a browser
+
+Settings (environment, then .env beside this file): GATEWAY_HOST, GATEWAY_PORT,
+INVENTORY_HOST, INVENTORY_PORT, INVENTORY_TIMEOUT, RABBITMQ_HOST, RABBITMQ_PORT,
+RABBITMQ_USER, RABBITMQ_PASSWORD, RABBITMQ_QUEUE.
+"""
+
+import collections
+import concurrent.futures
+import http.client
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from decimal import Decimal
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pika
+from dotenv import load_dotenv
+from pika.exceptions import AMQPError
+from pika.spec import Basic
+
+log = logging.getLogger("gateway")
+
+HERE = Path(__file__).resolve().parent
+SPEC_FILE = HERE / "openapi.yaml"
+DOCS_ASSETS = HERE / "node_modules" / "swagger-ui-dist"
+MAX_PROXY_BODY = 1024 * 1024  # inventory's own limit
+MAX_ORDER_BODY = 64 * 1024
+MAX_DB_INT = 2**31 - 1
+MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
+REQUEST_TIMEOUT = 10  # seconds a client has to send a whole request
+MAX_CONNECTIONS = 512  # open client connections, one thread each
+PUBLISH_TIMEOUT = 4  # seconds to wait for RabbitMQ's confirm before 503
+UPSTREAM_IDLE = 4  # seconds an idle upstream connection is kept (inventory: 10)
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
+DROP_FROM_UPSTREAM = HOP_BY_HOP | {"server", "date"}
+ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
+_INTEGER = re.compile(r"[0-9]{1,10}")
+_AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
+_ASSET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>Movie shop gateway API</title>
+  <link rel="stylesheet" href="/docs/swagger-ui.css">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="/docs/swagger-ui-bundle.js"></script>
+  <script>
+    window.ui = SwaggerUIBundle({url: "/openapi.yaml", dom_id: "#swagger-ui"});
+  </script>
+</body>
+</html>
+"""
+
+# --- Config ---
+
+REQUIRED = (
+    "GATEWAY_HOST",
+    "GATEWAY_PORT",
+    "INVENTORY_HOST",
+    "INVENTORY_PORT",
+    "INVENTORY_TIMEOUT",
+    "RABBITMQ_HOST",
+    "RABBITMQ_PORT",
+    "RABBITMQ_USER",
+    "RABBITMQ_PASSWORD",
+    "RABBITMQ_QUEUE",
+)
+
+
+def load_config():
+    """Read settings from the environment (and .env); exit if any is missing."""
+    load_dotenv(HERE / ".env")
+    missing = [k for k in REQUIRED if not os.environ.get(k)]
+    if missing:
+        sys.exit(f"gateway: missing settings: {', '.join(missing)}")
+    return {k: os.environ[k] for k in REQUIRED}
+
+
+def queue_arguments(queue):
+    """The billing queue's arguments; billing.py declares it identically."""
+    return {
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": f"{queue}.dead",
+    }
+
+
+# --- Errors and validation ---
+
+
+class ApiError(Exception):
+    """An error answered to the client as {"error": message}."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _bad(message):
+    """Return a 400 error."""
+    return ApiError(HTTPStatus.BAD_REQUEST, message)
+
+
+def check_positive_int(value, field):
+    """Accept a positive integer, as a JSON number or a string of digits."""
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        value = int(value)
+    if type(value) is not int or not 1 <= value <= MAX_DB_INT:
+        raise _bad(f"'{field}' must be a positive integer (at most {MAX_DB_INT})")
+    return value
+
+
+def check_amount(value, field):
+    """Accept an amount >= 0 with at most two decimals, as a number or string."""
+    if isinstance(value, str) and _AMOUNT.fullmatch(value):
+        value = Decimal(value)
+    if type(value) is int:
+        value = Decimal(value)
+    if (
+        not isinstance(value, Decimal)
+        or not value.is_finite()
+        or value != value.quantize(Decimal("0.01"), rounding="ROUND_DOWN")
+        or not 0 <= value <= MAX_AMOUNT
+    ):
+        raise _bad(f"'{field}' must be an amount from 0 to {MAX_AMOUNT}, 2 decimals")
+    return value
+
+
+def validate_order(data):
+    """Check an order object: exactly the three fields, each valid."""
+    unknown = sorted(set(data) - set(ORDER_FIELDS))
+    if unknown:
+        raise _bad(f"unknown field '{unknown[0]}'")
+    for field in ORDER_FIELDS:
+        if field not in data:
+            raise _bad(f"'{field}' is required")
+    check_positive_int(data["user_id"], "user_id")
+    check_positive_int(data["number_of_items"], "number_of_items")
+    check_amount(data["total_amount"], "total_amount")
+
+
+def decode_object(body, what):
+    """Parse JSON bytes that must hold an object; 400 otherwise."""
+    try:
+        data = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _bad(f"{what} is nested too deeply") from None
+    except ValueError as exc:
+        raise _bad(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _bad(f"{what} must be a JSON object")
+    return data
+
+
+def _reject_constant(name):
+    """Refuse NaN and Infinity, which are not JSON."""
+    raise ValueError(f"{name} is not allowed")
+
+
+# --- Inventory upstream ---
+
+
+class Upstream:
+    """Keep-alive HTTP connections to inventory, shared by request threads."""
+
+    def __init__(self, host, port, timeout):
+        self.host, self.port, self.timeout = host, port, timeout
+        self._idle = collections.deque()  # (connection, last used), newest last
+
+    def _connect(self):
+        """Open a new connection; raise ApiError 502 when inventory is down."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            log.warning("inventory unreachable: %s", exc)
+            raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory unreachable") from None
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _take(self):
+        """Reuse the most recent idle connection, or None."""
+        while True:
+            try:
+                conn, used = self._idle.pop()
+            except IndexError:
+                return None
+            if time.monotonic() - used < UPSTREAM_IDLE:
+                return conn
+            conn.close()
+
+    def request(self, method, path, body, headers):
+        """Send one request; return (status, headers, body)."""
+        conn = self._take()
+        if conn is not None:
+            try:
+                return self._exchange(conn, method, path, body, headers)
+            except (http.client.RemoteDisconnected, ConnectionError):
+                conn.close()  # went stale while idle: retry once on a fresh one
+        conn = self._connect()
+        try:
+            return self._exchange(conn, method, path, body, headers)
+        except (http.client.RemoteDisconnected, ConnectionError) as exc:
+            conn.close()
+            log.warning("inventory dropped the connection: %s", exc)
+            raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory failed") from None
+
+    def _exchange(self, conn, method, path, body, headers):
+        """Send on conn and read the whole answer; keep conn if reusable."""
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except TimeoutError:
+            conn.close()
+            raise ApiError(HTTPStatus.GATEWAY_TIMEOUT, "inventory timed out") from None
+        except (http.client.RemoteDisconnected, ConnectionError):
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            log.warning("inventory failed: %s", exc)
+            raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory failed") from None
+        if resp.will_close:
+            conn.close()
+        else:
+            self._idle.append((conn, time.monotonic()))
+        return resp.status, resp.getheaders(), data
+
+
+# --- RabbitMQ publisher ---
+
+
+class Publisher:
+    """Owns the RabbitMQ connection in one thread; others hand it messages.
+
+    Messages are published with `mandatory` on a confirming channel, and the
+    caller waits for RabbitMQ's ack: only then is an order safe.
+    """
+
+    def __init__(self, params, queue):
+        self.params, self.queue = params, queue
+        self.ready = threading.Event()
+        self._conn = None
+        self._channel = None
+        self._pending = {}  # delivery tag -> (future, message id)
+        self._returned = set()  # message ids RabbitMQ could not route
+        self._tag = 0
+
+    def start(self):
+        """Connect in a background thread, reconnecting forever."""
+        threading.Thread(target=self._run, name="publisher", daemon=True).start()
+
+    def publish(self, body):
+        """Publish body and wait for the confirm; ApiError 503 if it fails."""
+        future = concurrent.futures.Future()
+        conn = self._conn
+        if conn is None or not self.ready.is_set():
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "message broker unavailable")
+        try:
+            conn.ioloop.add_callback_threadsafe(lambda: self._send(body, future))
+            future.result(timeout=PUBLISH_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE, "message broker did not confirm in time"
+            ) from None
+        except (ConnectionError, AMQPError) as exc:
+            log.warning("publish failed: %s", exc)
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE, "message broker did not take the order"
+            ) from None
+
+    def _run(self):
+        """Connection loop: connect, serve the ioloop, back off, repeat."""
+        delay = 0.5
+        while True:
+            conn = pika.SelectConnection(
+                self.params,
+                on_open_callback=self._on_open,
+                on_open_error_callback=self._on_open_error,
+                on_close_callback=self._on_closed,
+            )
+            self._conn = conn
+            try:
+                conn.ioloop.start()
+            except Exception:
+                log.exception("publisher loop failed")
+            was_ready = self.ready.is_set()
+            self.ready.clear()
+            self._conn = self._channel = None
+            self._fail_all("connection lost")
+            delay = 0.5 if was_ready else min(delay * 2, 5)
+            time.sleep(delay)
+
+    def _on_open(self, conn):
+        conn.channel(on_open_callback=self._on_channel)
+
+    def _on_open_error(self, conn, error):
+        log.warning("RabbitMQ unreachable: %s", error)
+        conn.ioloop.stop()
+
+    def _on_closed(self, conn, reason):
+        log.warning("RabbitMQ connection closed: %s", reason)
+        conn.ioloop.stop()
+
+    def _on_channel(self, channel):
+        self._tag = 0
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(
+            self._on_confirm, callback=lambda _: self._declare(channel)
+        )
+
+    def _declare(self, channel):
+        """Declare the dead-letter queue, then the queue; both durable."""
+
+        def on_queue(_frame):
+            self._channel = channel
+            self.ready.set()
+            log.info("publishing to queue %s", self.queue)
+
+        channel.queue_declare(
+            f"{self.queue}.dead",
+            durable=True,
+            callback=lambda _: channel.queue_declare(
+                self.queue,
+                durable=True,
+                arguments=queue_arguments(self.queue),
+                callback=on_queue,
+            ),
+        )
+
+    def _on_channel_closed(self, channel, reason):
+        log.warning("RabbitMQ channel closed: %s", reason)
+        self.ready.clear()
+        self._channel = None
+        self._fail_all("channel closed")
+        if self._conn is not None and self._conn.is_open:
+            self._conn.close()
+
+    def _send(self, body, future):
+        """Publish one message (runs in the ioloop thread)."""
+        if self._channel is None:
+            future.set_exception(ConnectionError("not connected"))
+            return
+        message_id = uuid.uuid4().hex
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=message_id,
+            timestamp=int(time.time()),
+        )
+        self._tag += 1
+        self._pending[self._tag] = (future, message_id)
+        try:
+            self._channel.basic_publish(
+                "", self.queue, body, properties, mandatory=True
+            )
+        except AMQPError as exc:
+            self._pending.pop(self._tag, None)
+            future.set_exception(exc)
+
+    def _on_return(self, channel, method, properties, body):
+        self._returned.add(properties.message_id)
+
+    def _on_confirm(self, frame):
+        """Settle the futures an ack or nack covers."""
+        method = frame.method
+        if method.multiple:
+            tags = [t for t in self._pending if t <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        for tag in tags:
+            future, message_id = self._pending.pop(tag, (None, None))
+            if future is None:
+                continue
+            if message_id in self._returned:
+                self._returned.discard(message_id)
+                future.set_exception(ConnectionError("message was unroutable"))
+            elif isinstance(method, Basic.Ack):
+                future.set_result(None)
+            else:
+                future.set_exception(ConnectionError("message was nacked"))
+
+    def _fail_all(self, reason):
+        """Fail every unconfirmed publish (the caller answers 503)."""
+        pending, self._pending = self._pending, {}
+        self._returned.clear()
+        for future, _ in pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError(reason))
+
+
+# --- Handlers ---
+
+
+def proxy_movies(req):
+    """Any /api/movies... request: forward to inventory, answer as it did."""
+    body = req.read_body(MAX_PROXY_BODY) if req.command in ("POST", "PUT") else None
+    if body is None and req.declared_length():
+        body = req.read_body(MAX_PROXY_BODY)
+    headers = {k: v for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP}
+    headers["X-Forwarded-For"] = req.client_address[0]
+    status, upstream_headers, data = req.server.upstream.request(
+        req.command, req.path, body, headers
+    )
+    kept = {k: v for k, v in upstream_headers if k.lower() not in DROP_FROM_UPSTREAM}
+    return status, data, kept
+
+
+def post_billing(req):
+    """POST /api/billing: validate the order and publish it with a confirm."""
+    body = req.read_body(MAX_ORDER_BODY, json_only=True)
+    validate_order(decode_object(body, "request body"))
+    req.server.publisher.publish(body)
+    return HTTPStatus.OK, {"message": "Message posted"}
+
+
+def health(req):
+    """GET /health: 200 when inventory and RabbitMQ are reachable, else 503."""
+    report = {"status": "ok", "inventory": "ok", "rabbitmq": "ok"}
+    try:
+        status, _, _ = req.server.upstream.request(
+            "GET", "/api/movies?limit=1", None, {}
+        )
+        if status >= 500:
+            report["inventory"] = f"answers {status}"
+    except ApiError as exc:
+        report["inventory"] = exc.message
+    if not req.server.publisher.ready.is_set():
+        report["rabbitmq"] = "unreachable"
+    if report["inventory"] != "ok" or report["rabbitmq"] != "ok":
+        report["status"] = "degraded"
+        return HTTPStatus.SERVICE_UNAVAILABLE, report
+    return HTTPStatus.OK, report
+
+
+def get_spec(req):
+    """GET /openapi.yaml: the committed API description."""
+    return HTTPStatus.OK, SPEC_FILE.read_bytes(), {"Content-Type": "application/yaml"}
+
+
+def get_docs(req):
+    """GET /docs: a page that renders the API description with Swagger UI."""
+    return (
+        HTTPStatus.OK,
+        DOCS_PAGE.encode(),
+        {"Content-Type": "text/html; charset=utf-8"},
+    )
+
+
+def get_docs_asset(req, name):
+    """GET /docs/<file>: Swagger UI's files, installed from npm by the setup."""
+    path = DOCS_ASSETS / name
+    if not _ASSET.fullmatch(name) or not path.is_file():
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {name} (run npm ci)")
+    kinds = {".css": "text/css", ".js": "text/javascript", ".png": "image/png"}
+    ctype = kinds.get(path.suffix, "application/octet-stream")
+    return HTTPStatus.OK, path.read_bytes(), {"Content-Type": ctype}
+
+
+ROUTES = [
+    ("*", re.compile(r"/api/movies(/.*)?"), proxy_movies),
+    ("POST", re.compile(r"/api/billing/?"), post_billing),
+    ("GET", re.compile(r"/health/?"), health),
+    ("GET", re.compile(r"/openapi\.yaml"), get_spec),
+    ("GET", re.compile(r"/docs/?"), get_docs),
+    ("GET", re.compile(r"/docs/(?P<name>[^/]+)"), get_docs_asset),
+]
+
+
+# --- HTTP ---
+
+
+class Server(ThreadingHTTPServer):
+    """A threading server with a connection cap and a deadline per request."""
+
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, address, upstream, publisher):
+        super().__init__(address, Handler)
+        self.upstream, self.publisher = upstream, publisher
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._deadlines = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+
+    def process_request(self, request, client_address):
+        """Serve in a thread, or turn the client away when at the cap."""
+        if not self._slots.acquire(blocking=False):
+            _refuse(request)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        """Serve one connection, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.watch(request, None)
+            self._slots.release()
+
+    def watch(self, sock, seconds):
+        """Give sock `seconds` to deliver its request; None stops watching."""
+        with self._lock:
+            if seconds is None:
+                self._deadlines.pop(sock, None)
+            else:
+                self._deadlines[sock] = time.monotonic() + seconds
+
+    def _reap(self):
+        """Cut the read side of connections past their deadline (idle or slow)."""
+        while True:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, t in self._deadlines.items() if t < now]
+                for sock in late:
+                    del self._deadlines[sock]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def handle_error(self, request, client_address):
+        """Log unexpected errors; ordinary disconnects are a debug line."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("client %s went away: %s", client_address, exc)
+        else:
+            log.exception("error serving %s", client_address)
+
+
+def _refuse(sock):
+    """Answer 503 on a connection the server has no room for."""
+    body = b'{"error": "server busy, try again"}'
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        sock.sendall(head.encode() + body)
+    except OSError:
+        pass
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Parses requests, dispatches them through ROUTES and writes answers."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "gateway/1.0"
+    timeout = REQUEST_TIMEOUT  # backstop; the server's reaper enforces deadlines
+
+    def setup(self):
+        """Disable Nagle: headers and body go out in separate writes."""
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_one_request(self):
+        """Read and answer one request within REQUEST_TIMEOUT."""
+        self.server.watch(self.connection, REQUEST_TIMEOUT)
+        super().handle_one_request()
+
+    def do_GET(self):
+        self.dispatch()
+
+    def do_POST(self):
+        self.dispatch()
+
+    def do_PUT(self):
+        self.dispatch()
+
+    def do_DELETE(self):
+        self.dispatch()
+
+    def dispatch(self):
+        """Route the request, run its handler and write the answer."""
+        self._body_read = False
+        try:
+            handler, params = self._route(urlsplit(self.path).path)
+            result = handler(self, **params)
+            status, payload, headers = (*result, {})[:3]
+        except ApiError as exc:
+            status, payload, headers = exc.status, {"error": exc.message}, {}
+            if exc.status == HTTPStatus.METHOD_NOT_ALLOWED:
+                headers = {"Allow": exc.allow}
+        except Exception:
+            log.exception("%s %s failed", self.command, self.path)
+            status, payload, headers = (
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                {"error": "internal error"},
+                {},
+            )
+        if not self._body_read and self.declared_length():
+            self.close_connection = True  # the unread body would poison the stream
+        self.respond(status, payload, headers)
+
+    def _route(self, path):
+        """Find the handler for path and method, or raise 404/405."""
+        allowed = []
+        for method, pattern, handler in ROUTES:
+            match = pattern.fullmatch(path)
+            if match:
+                if method in ("*", self.command):
+                    return handler, match.groupdict()
+                allowed.append(method)
+        if not allowed:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+        error = ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} not allowed")
+        error.allow = ", ".join(allowed)
+        raise error
+
+    def declared_length(self):
+        """The request's Content-Length, 0 when absent or unreadable."""
+        try:
+            return int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            return 0
+
+    def read_body(self, limit, json_only=False):
+        """Read the raw body, enforcing Content-Length, size and (if asked) JSON."""
+        if self.headers.get("Transfer-Encoding"):
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
+        if json_only:
+            media = self.headers.get("Content-Type", "application/json")
+            media = media.split(";")[0].strip().lower()
+            if media != "application/json" and not media.endswith("+json"):
+                raise ApiError(
+                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                    "Content-Type must be application/json",
+                )
+        text = self.headers.get("Content-Length", "0").strip()
+        if not text.isascii() or not text.isdigit():
+            raise _bad("Content-Length must be a non-negative integer")
+        length = int(text)
+        if length > limit:
+            raise ApiError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes"
+            )
+        body = self.rfile.read(length)
+        self._body_read = True
+        self.server.watch(self.connection, None)
+        if len(body) < length:
+            self.close_connection = True
+            raise ApiError(
+                HTTPStatus.REQUEST_TIMEOUT, "request body not received in time"
+            )
+        return body
+
+    def respond(self, status, payload, headers=None):
+        """Write a response (JSON unless headers say) with an exact Content-Length."""
+        self.server.watch(self.connection, None)
+        if isinstance(payload, bytes):
+            body = payload
+        else:
+            body = json.dumps(payload).encode()
+        headers = dict(headers or {})
+        self.send_response(status)
+        self.send_header(
+            "Content-Type", headers.pop("Content-Type", "application/json")
+        )
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):
+        """Answer http.server's own errors (bad request line, odd method) in JSON."""
+        if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
+            self.dispatch()  # an unknown method: proxied, 405 or 404
+            return
+        self.close_connection = True
+        self.respond(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
+
+    def log_message(self, format, *args):
+        """Send access lines to logging at debug level (off the hot path)."""
+        log.debug("%s - %s", self.address_string(), format % args)
+
+
+# --- Main ---
+
+
+def main():
+    """Connect to RabbitMQ in the background and serve until SIGTERM or SIGINT."""
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    config = load_config()
+    params = pika.ConnectionParameters(
+        host=config["RABBITMQ_HOST"],
+        port=int(config["RABBITMQ_PORT"]),
+        credentials=pika.PlainCredentials(
+            config["RABBITMQ_USER"], config["RABBITMQ_PASSWORD"]
+        ),
+        heartbeat=30,
+        blocked_connection_timeout=10,
+        socket_timeout=3,
+        stack_timeout=5,
+        connection_attempts=1,
+        client_properties={"connection_name": "gateway"},
+    )
+    publisher = Publisher(params, config["RABBITMQ_QUEUE"])
+    publisher.start()
+    upstream = Upstream(
+        config["INVENTORY_HOST"],
+        int(config["INVENTORY_PORT"]),
+        float(config["INVENTORY_TIMEOUT"]),
+    )
+    server = Server(
+        (config["GATEWAY_HOST"], int(config["GATEWAY_PORT"])), upstream, publisher
+    )
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if not stop.is_set():
+            stop.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    host, port = server.server_address[:2]
+    log.info("gateway listening on http://%s:%s", host, port)
+    server.serve_forever()
+    server.server_close()
+    log.info("gateway stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,560 @@
+"""Inventory: a REST API for movies, stored in PostgreSQL.
+
+Routes (a trailing slash is accepted on each):
+    GET    /api/movies[?title=x&limit=n&offset=n]   list or search movies
+    POST   /api/movies                              create a movie
+    DELETE /api/movies                              delete every movie
+    GET    /api/movies/<id>                         one movie
+    PUT    /api/movies/<id>                         update title and/or description
+    DELETE /api/movies/<id>                         delete one movie
+
+Settings (environment, then .env beside this file): INVENTORY_HOST,
+INVENTORY_PORT, INVENTORY_DB_HOST, INVENTORY_DB_PORT, INVENTORY_DB_NAME,
+INVENTORY_DB_USER, INVENTORY_DB_PASSWORD.
+"""
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs
+from urllib.parse import urlsplit
+
+import psycopg
+from dotenv import load_dotenv
+from psycopg_pool import ConnectionPool
+
+log = logging.getLogger("inventory")
+
+HERE = Path(__file__).resolve().parent
+MAX_BODY = 1024 * 1024
+MAX_TITLE = 255
+MAX_DESCRIPTION = 10_000
+MAX_LIMIT = 1000
+MAX_DB_INT = 2**31 - 1
+REQUEST_TIMEOUT = 10  # seconds a client has to send a whole request
+MAX_CONNECTIONS = 512  # open client connections, one thread each
+DB_WAIT = 4  # seconds to wait for a database connection before answering 503
+
+# --- Config ---
+
+REQUIRED = (
+    "INVENTORY_HOST",
+    "INVENTORY_PORT",
+    "INVENTORY_DB_HOST",
+    "INVENTORY_DB_PORT",
+    "INVENTORY_DB_NAME",
+    "INVENTORY_DB_USER",
+    "INVENTORY_DB_PASSWORD",
+)
+
+
+def load_config():
+    """Read settings from the environment (and .env); exit if any is missing."""
+    load_dotenv(HERE / ".env")
+    missing = [k for k in REQUIRED if not os.environ.get(k)]
+    if missing:
+        sys.exit(f"inventory: missing settings: {', '.join(missing)}")
+    return {k: os.environ[k] for k in REQUIRED}
+
+
+# --- SQL ---
+
+_NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+
+
+def load_queries(path):
+    """Return {name: sql} for each '-- name: x' block in the file."""
+    parts = _NAME.split(path.read_text())
+    return {name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2])}
+
+
+QUERIES = load_queries(HERE / "sql" / "inventory_queries.sql")
+
+
+class Database:
+    """A connection pool that runs named queries and maps outages to 503."""
+
+    def __init__(self, conninfo):
+        self.pool = ConnectionPool(
+            conninfo,
+            min_size=2,
+            max_size=10,
+            timeout=DB_WAIT,
+            kwargs={"autocommit": True},
+            check=ConnectionPool.check_connection,
+            reconnect_timeout=0,  # keep trying forever while the database is down
+            open=False,
+        )
+
+    def open(self):
+        """Start the pool without waiting: requests get 503 until it connects."""
+        self.pool.open(wait=False)
+
+    def close(self):
+        """Close every connection."""
+        self.pool.close()
+
+    def row(self, name, **params):
+        """Run a named query and return its first row (or None)."""
+        try:
+            with self.pool.connection() as conn:
+                return conn.execute(QUERIES[name], params).fetchone()
+        except psycopg.OperationalError as exc:
+            log.warning("database unavailable: %s", exc)
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
+
+    def one(self, name, **params):
+        """Run a named query and return the first column of its first row."""
+        row = self.row(name, **params)
+        return None if row is None else row[0]
+
+
+# --- Errors and validation ---
+
+
+class ApiError(Exception):
+    """An error answered to the client as {"error": message}."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _bad(message):
+    """Return a 400 error."""
+    return ApiError(HTTPStatus.BAD_REQUEST, message)
+
+
+def check_text(value, field, limit, required):
+    """Validate one string field; return it unchanged."""
+    if not isinstance(value, str):
+        raise _bad(f"'{field}' must be a string")
+    if len(value) > limit:
+        raise _bad(f"'{field}' must be at most {limit} characters")
+    if required and not value.strip():
+        raise _bad(f"'{field}' must not be empty")
+    if "\x00" in value:
+        raise _bad(f"'{field}' must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(f"'{field}' is not valid Unicode text") from None
+    return value
+
+
+def validate_movie(data, partial):
+    """Check a movie body; return (title, description), None where omitted."""
+    unknown = sorted(set(data) - {"title", "description"})
+    if unknown:
+        raise _bad(f"unknown field '{unknown[0]}'")
+    if not partial and "title" not in data:
+        raise _bad("'title' is required")
+    if partial and not data:
+        raise _bad("give 'title' and/or 'description' to update")
+    title = data.get("title")
+    description = data.get("description")
+    if title is not None or "title" in data:
+        title = check_text(title, "title", MAX_TITLE, required=True)
+    if description is not None or "description" in data:
+        description = check_text(description, "description", MAX_DESCRIPTION, False)
+    return title, description
+
+
+def parse_id(text):
+    """Turn a path segment into a movie id: 400 if malformed, 404 if out of range."""
+    if not text.isascii() or not text.isdigit():
+        raise _bad("movie id must be a positive integer")
+    if len(text.lstrip("0")) > 10 or int(text) > MAX_DB_INT:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {text} not found")
+    if int(text) == 0:
+        raise _bad("movie id must be a positive integer")
+    return int(text)
+
+
+def parse_count(query, name, low, high):
+    """Read an optional integer query parameter within [low, high]."""
+    text = query.get(name)
+    if text is None:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 10:
+        raise _bad(f"'{name}' must be an integer from {low} to {high}")
+    value = int(text)
+    if not low <= value <= high:
+        raise _bad(f"'{name}' must be an integer from {low} to {high}")
+    return value
+
+
+def like_pattern(text):
+    """Build an ILIKE pattern matching text literally anywhere in a title."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+# --- Handlers ---
+
+
+def list_movies(req):
+    """GET /api/movies: every movie, or those whose title contains ?title=."""
+    title = req.query.get("title")
+    pattern = None
+    if title:
+        pattern = like_pattern(check_text(title, "title", MAX_TITLE, required=False))
+    limit = parse_count(req.query, "limit", 1, MAX_LIMIT)
+    offset = parse_count(req.query, "offset", 0, MAX_DB_INT) or 0
+    body = req.db.one("list_movies", pattern=pattern, limit=limit, offset=offset)
+    return HTTPStatus.OK, body
+
+
+def create_movie(req):
+    """POST /api/movies: create a movie from {title, description}."""
+    title, description = validate_movie(req.json_body(), partial=False)
+    movie_id, body = req.db.row(
+        "insert_movie", title=title, description=description or ""
+    )
+    return HTTPStatus.CREATED, body, {"Location": f"/api/movies/{movie_id}"}
+
+
+def delete_movies(req):
+    """DELETE /api/movies: remove every movie."""
+    count = req.db.one("delete_all_movies")
+    return HTTPStatus.OK, {"message": f"deleted {count} movies", "deleted": count}
+
+
+def get_movie(req, movie_id):
+    """GET /api/movies/<id>."""
+    movie_id = parse_id(movie_id)
+    body = req.db.one("get_movie", id=movie_id)
+    if body is None:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {movie_id} not found")
+    return HTTPStatus.OK, body
+
+
+def update_movie(req, movie_id):
+    """PUT /api/movies/<id>: change the fields given, keep the others."""
+    movie_id = parse_id(movie_id)
+    title, description = validate_movie(req.json_body(), partial=True)
+    body = req.db.one("update_movie", id=movie_id, title=title, description=description)
+    if body is None:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {movie_id} not found")
+    return HTTPStatus.OK, body
+
+
+def delete_movie(req, movie_id):
+    """DELETE /api/movies/<id>."""
+    movie_id = parse_id(movie_id)
+    if req.db.one("delete_movie", id=movie_id) is None:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {movie_id} not found")
+    return HTTPStatus.OK, {"message": f"deleted movie {movie_id}", "id": movie_id}
+
+
+ROUTES = [
+    ("GET", re.compile(r"/api/movies/?"), list_movies),
+    ("POST", re.compile(r"/api/movies/?"), create_movie),
+    ("DELETE", re.compile(r"/api/movies/?"), delete_movies),
+    ("GET", re.compile(r"/api/movies/(?P<movie_id>[^/]+)/?"), get_movie),
+    ("PUT", re.compile(r"/api/movies/(?P<movie_id>[^/]+)/?"), update_movie),
+    ("DELETE", re.compile(r"/api/movies/(?P<movie_id>[^/]+)/?"), delete_movie),
+]
+
+
+# --- HTTP ---
+
+
+class Server(ThreadingHTTPServer):
+    """A threading server with a connection cap and a deadline per request."""
+
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, address, db):
+        super().__init__(address, Handler)
+        self.db = db
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._deadlines = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+
+    def process_request(self, request, client_address):
+        """Serve in a thread, or turn the client away when at the cap."""
+        if not self._slots.acquire(blocking=False):
+            _refuse(request)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        """Serve one connection, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.watch(request, None)
+            self._slots.release()
+
+    def watch(self, sock, seconds):
+        """Give sock `seconds` to deliver its request; None stops watching."""
+        with self._lock:
+            if seconds is None:
+                self._deadlines.pop(sock, None)
+            else:
+                self._deadlines[sock] = time.monotonic() + seconds
+
+    def _reap(self):
+        """Cut the read side of connections past their deadline (idle or slow)."""
+        while True:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, t in self._deadlines.items() if t < now]
+                for sock in late:
+                    del self._deadlines[sock]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def handle_error(self, request, client_address):
+        """Log unexpected errors; ordinary disconnects are a debug line."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("client %s went away: %s", client_address, exc)
+        else:
+            log.exception("error serving %s", client_address)
+
+
+def _refuse(sock):
+    """Answer 503 on a connection the server has no room for."""
+    body = b'{"error": "server busy, try again"}'
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    try:
+        sock.sendall(head.encode() + body)
+    except OSError:
+        pass
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Parses requests, dispatches them through ROUTES and writes JSON."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "inventory/1.0"
+    timeout = REQUEST_TIMEOUT  # backstop; the server's reaper enforces deadlines
+
+    def setup(self):
+        """Disable Nagle: headers and body go out in separate writes."""
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_one_request(self):
+        """Read and answer one request within REQUEST_TIMEOUT."""
+        self.server.watch(self.connection, REQUEST_TIMEOUT)
+        super().handle_one_request()
+
+    def do_GET(self):
+        self.dispatch()
+
+    def do_POST(self):
+        self.dispatch()
+
+    def do_PUT(self):
+        self.dispatch()
+
+    def do_DELETE(self):
+        self.dispatch()
+
+    @property
+    def db(self):
+        return self.server.db
+
+    def dispatch(self):
+        """Route the request, run its handler and write the answer."""
+        self.query = {}
+        self._body_read = False
+        try:
+            url = urlsplit(self.path)
+            handler, params = self._route(url.path)
+            self.query = _parse_query(url.query)
+            result = handler(self, **params)
+            status, payload, headers = (*result, {})[:3]
+        except ApiError as exc:
+            status, payload, headers = exc.status, {"error": exc.message}, {}
+            if exc.status == HTTPStatus.METHOD_NOT_ALLOWED:
+                headers = {"Allow": exc.allow}
+        except Exception:
+            log.exception("%s %s failed", self.command, self.path)
+            status, payload, headers = (
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                {"error": "internal error"},
+                {},
+            )
+        if not self._body_read and self._declared_length():
+            self.close_connection = True  # the unread body would poison the stream
+        self.respond(status, payload, headers)
+
+    def _route(self, path):
+        """Find the handler for path and method, or raise 404/405."""
+        allowed = []
+        for method, pattern, handler in ROUTES:
+            match = pattern.fullmatch(path)
+            if match:
+                if method == self.command:
+                    return handler, match.groupdict()
+                allowed.append(method)
+        if not allowed:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+        error = ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} not allowed")
+        error.allow = ", ".join(allowed)
+        raise error
+
+    def _declared_length(self):
+        """The request's Content-Length, 0 when absent or unreadable."""
+        try:
+            return int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            return 0
+
+    def json_body(self):
+        """Read the body and return it as a JSON object (dict)."""
+        return decode_object(self.read_body(MAX_BODY, self.headers), "request body")
+
+    def read_body(self, limit, headers):
+        """Read the raw body, enforcing Content-Type, Content-Length and size."""
+        if headers.get("Transfer-Encoding"):
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
+        ctype = headers.get("Content-Type", "application/json")
+        media = ctype.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise ApiError(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type must be application/json",
+            )
+        text = headers.get("Content-Length", "0").strip()
+        if not text.isascii() or not text.isdigit():
+            raise _bad("Content-Length must be a non-negative integer")
+        length = int(text)
+        if length > limit:
+            raise ApiError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes"
+            )
+        body = self.rfile.read(length)
+        self._body_read = True
+        self.server.watch(self.connection, None)
+        if len(body) < length:
+            self.close_connection = True
+            raise ApiError(
+                HTTPStatus.REQUEST_TIMEOUT, "request body not received in time"
+            )
+        return body
+
+    def respond(self, status, payload, headers=None):
+        """Write a JSON response with an exact Content-Length."""
+        self.server.watch(self.connection, None)
+        if isinstance(payload, str):
+            body = payload.encode()
+        else:
+            body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):
+        """Answer http.server's own errors (bad request line, odd method) in JSON."""
+        if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
+            self.dispatch()  # an unknown method: 405 or 404, like any other
+            return
+        self.close_connection = True
+        self.respond(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
+
+    def log_message(self, format, *args):
+        """Send access lines to logging at debug level (off the hot path)."""
+        log.debug("%s - %s", self.address_string(), format % args)
+
+
+def decode_object(body, what):
+    """Parse JSON bytes that must hold an object; 400 otherwise."""
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _bad(f"{what} is nested too deeply") from None
+    except ValueError as exc:
+        raise _bad(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _bad(f"{what} must be a JSON object")
+    return data
+
+
+def _reject_constant(name):
+    """Refuse NaN and Infinity, which are not JSON."""
+    raise ValueError(f"{name} is not allowed")
+
+
+def _parse_query(query):
+    """Parse a query string into {name: last value}."""
+    try:
+        pairs = parse_qs(query, keep_blank_values=True, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise _bad("query string is not valid UTF-8") from None
+    return {name: values[-1] for name, values in pairs.items()}
+
+
+# --- Main ---
+
+
+def main():
+    """Start the pool and serve until SIGTERM or SIGINT."""
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    config = load_config()
+    db = Database(
+        psycopg.conninfo.make_conninfo(
+            host=config["INVENTORY_DB_HOST"],
+            port=config["INVENTORY_DB_PORT"],
+            dbname=config["INVENTORY_DB_NAME"],
+            user=config["INVENTORY_DB_USER"],
+            password=config["INVENTORY_DB_PASSWORD"],
+            connect_timeout=3,
+            application_name="inventory",
+        )
+    )
+    db.open()
+    server = Server((config["INVENTORY_HOST"], int(config["INVENTORY_PORT"])), db)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if not stop.is_set():
+            stop.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    host, port = server.server_address[:2]
+    log.info("inventory listening on http://%s:%s", host, port)
+    server.serve_forever()
+    server.server_close()
+    db.close()
+    log.info("inventory stopped")
+
+
+if __name__ == "__main__":
+    main()

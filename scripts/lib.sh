@@ -1,0 +1,395 @@
+#!/usr/bin/env bash
+# Shared functions for the provisioning scripts (inventory.sh, billing.sh,
+# gateway.sh, up.sh, down.sh). Sourced, never run on its own.
+#
+# Settings come from the environment first (Vagrant passes .env to each VM's
+# provisioner; ./scripts/up.sh overrides the addresses with 127.0.0.1) and
+# then from .env, which never overrides a variable that is already set.
+#
+# Paths, all overridable from the environment:
+#   REPO_DIR   the repository (on the VMs: /vagrant, the synced folder)
+#   VENV_ROOT  one virtualenv per service in $VENV_ROOT/<service> (default: $REPO_DIR/venv)
+#   LOG_DIR    PM2 log files (default: $REPO_DIR/logs)
+#   PM2_ENV    extra environment block of ecosystem.config.js, e.g. "local"
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+REPO_DIR="${REPO_DIR:-$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)}"
+VENV_ROOT="${VENV_ROOT:-$REPO_DIR/venv}"
+LOG_DIR="${LOG_DIR:-$REPO_DIR/logs}"
+PM2_VERSION="7.0.4"
+export REPO_DIR VENV_ROOT LOG_DIR
+
+# The audit runs `sudo pm2 ...`: always use root's PM2 home, whatever HOME is.
+PM2_HOME="${PM2_HOME:-$(getent passwd "$(id -un)" | cut -d: -f6)/.pm2}"
+export PM2_HOME
+
+# --- Messages ---
+
+log() {
+  printf '==> %s\n' "$*"
+}
+
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 1
+}
+
+# --- Settings ---
+
+# load_env [FILE]: export KEY=VALUE lines of FILE (default .env) that are not set yet.
+load_env() {
+  local file="${1:-$REPO_DIR/.env}" line key value
+  [[ -f "$file" ]] || return 0
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    line="${line%$'\r'}"
+    [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
+    [[ "$line" =~ ^[[:space:]]*(export[[:space:]]+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || continue
+    key="${BASH_REMATCH[2]}"
+    value="${BASH_REMATCH[3]}"
+    if [[ "$value" =~ ^\"(.*)\"$ || "$value" =~ ^\'(.*)\'$ ]]; then
+      value="${BASH_REMATCH[1]}"
+    fi
+    if [[ -z "${!key+x}" ]]; then
+      export "$key=$value"
+    fi
+  done <"$file"
+}
+
+# require_env NAME...: stop with the list of settings that are empty or unset.
+require_env() {
+  local name missing=()
+  for name in "$@"; do
+    [[ -n "${!name:-}" ]] || missing+=("$name")
+  done
+  ((${#missing[@]} == 0)) || die "missing settings (set them in .env): ${missing[*]}"
+}
+
+# require_identifier VALUE: role and database names are used unquoted in SQL.
+require_identifier() {
+  [[ "$1" =~ ^[a-z_][a-z0-9_]*$ ]] || die "'$1' is not a plain lower-case SQL name"
+}
+
+is_loopback() {
+  [[ "$1" == 127.* || "$1" == localhost || "$1" == ::1 ]]
+}
+
+# is_systemd: true on the VMs, false in containers such as CI.
+is_systemd() {
+  [[ -d /run/systemd/system && "$(cat /proc/1/comm 2>/dev/null)" == systemd ]]
+}
+
+# --- Packages ---
+
+# apt_install PACKAGE...: install the packages that are missing, nothing else.
+apt_install() {
+  local pkg status missing=()
+  for pkg in "$@"; do
+    # shellcheck disable=SC2016  # ${db:Status-Status} is a dpkg-query format
+    status="$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)"
+    [[ "$status" == installed ]] || missing+=("$pkg")
+  done
+  ((${#missing[@]} > 0)) || return 0
+  log "apt: installing ${missing[*]}"
+  if [[ -z "${APT_UPDATED:-}" ]]; then
+    apt-get update -qq
+    APT_UPDATED=1
+  fi
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# ensure_node_pm2: Node.js and npm from Debian if there are none, PM2 from npm.
+ensure_node_pm2() {
+  if ! command -v node >/dev/null; then
+    apt_install nodejs
+  fi
+  if ! command -v npm >/dev/null; then
+    apt_install npm
+  fi
+  if ! command -v pm2 >/dev/null; then
+    log "npm: installing pm2@$PM2_VERSION"
+    npm install --global --no-audit --no-fund --loglevel=error "pm2@$PM2_VERSION"
+  fi
+}
+
+# ensure_venv SERVICE: $VENV_ROOT/SERVICE with requirements-SERVICE.txt installed.
+# pip only runs when the requirements file changed since the last install.
+ensure_venv() {
+  local service="$1"
+  local requirements="$REPO_DIR/requirements-$service.txt"
+  local venv="$VENV_ROOT/$service"
+  local stamp
+  [[ -f "$requirements" ]] || die "missing $requirements"
+  apt_install python3
+  apt_install python3-venv
+  if ! "$venv/bin/python" -c "" 2>/dev/null; then
+    log "venv: creating $venv"
+    mkdir -p "$VENV_ROOT"
+    python3 -m venv --clear "$venv"
+  fi
+  stamp="$(sha256sum "$requirements" | cut -d" " -f1)"
+  if [[ "$(cat "$venv/.requirements.sha256" 2>/dev/null || true)" != "$stamp" ]]; then
+    log "venv: installing $(basename "$requirements") into $venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+    printf '%s\n' "$stamp" >"$venv/.requirements.sha256"
+  fi
+}
+
+# --- PostgreSQL ---
+
+# psql_admin ARGS...: psql as the postgres superuser over the Unix socket.
+psql_admin() {
+  (cd / && runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 "$@")
+}
+
+# ensure_postgres: PostgreSQL installed, running, listening on localhost only.
+ensure_postgres() {
+  local conf_dir cluster
+  apt_install postgresql
+  start_postgres
+  # Debian's default is already localhost; this file makes it explicit.
+  for conf_dir in /etc/postgresql/*/main/conf.d; do
+    [[ -d "$conf_dir" ]] || continue
+    write_file "$conf_dir/50-movie-shop.conf" \
+      "# Managed by scripts/lib.sh: PostgreSQL is only reached from its own VM." \
+      "listen_addresses = 'localhost'"
+  done
+  cluster="$(psql_admin -At -c "SHOW listen_addresses")"
+  if [[ ! "$cluster" =~ ^(localhost|127\.0\.0\.1|::1)([[:space:]]*,[[:space:]]*(localhost|127\.0\.0\.1|::1))*$ ]]; then
+    if is_systemd; then
+      log "postgresql: restarting to listen on localhost only (was '$cluster')"
+      systemctl restart postgresql
+      start_postgres
+    else
+      log "warning: postgresql listens on '$cluster'; restart it to apply localhost only"
+    fi
+  fi
+}
+
+# start_postgres: start every stopped cluster and wait until it answers.
+start_postgres() {
+  local version name _rest tries
+  if is_systemd; then
+    systemctl enable --quiet --now postgresql
+  fi
+  while read -r version name _rest; do
+    if ! pg_ctlcluster "$version" "$name" status >/dev/null 2>&1; then
+      log "postgresql: starting cluster $version/$name"
+      if is_systemd; then
+        systemctl start "postgresql@$version-$name"
+      else
+        pg_ctlcluster --skip-systemctl-redirect "$version" "$name" start
+      fi
+    fi
+  done < <(pg_lsclusters --no-header)
+  for ((tries = 0; tries < 30; tries++)); do
+    pg_isready -q && return 0
+    sleep 1
+  done
+  die "postgresql did not become ready"
+}
+
+# ensure_database ROLE PASSWORD DATABASE SCHEMA_FILE: a login role with a
+# scram password, its own database, the schema applied (tables owned by ROLE),
+# and a pg_hba.conf line letting ROLE log in from 127.0.0.1 with that password.
+ensure_database() {
+  local role="$1" password="$2" db="$3" schema="$4"
+  require_identifier "$role"
+  require_identifier "$db"
+  [[ -f "$schema" ]] || die "missing $schema"
+  log "postgresql: role $role, database $db"
+  # The password travels through the environment, not the command line.
+  MOVIE_SHOP_DB_PASSWORD="$password" psql_admin -d postgres <<SQL
+SET client_min_messages = warning;
+\getenv db_password MOVIE_SHOP_DB_PASSWORD
+SET password_encryption = 'scram-sha-256';
+SELECT 'CREATE ROLE $role LOGIN'
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$role') \gexec
+ALTER ROLE $role WITH LOGIN PASSWORD :'db_password';
+SELECT 'CREATE DATABASE $db OWNER $role'
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$db') \gexec
+ALTER DATABASE $db OWNER TO $role;
+SQL
+  log "postgresql: applying $(basename "$schema") to $db as $role"
+  {
+    printf 'SET client_min_messages = warning;\n'
+    # Tables created by an earlier run as another user change hands first.
+    printf "SELECT format('ALTER TABLE public.%%I OWNER TO $role', tablename)\n"
+    printf "  FROM pg_tables WHERE schemaname = 'public' AND tableowner <> '$role' \\\\gexec\n"
+    printf 'SET ROLE %s;\n' "$role"
+    cat "$schema"
+    printf '\nRESET ROLE;\n'
+  } | psql_admin -d "$db"
+  ensure_pg_hba "$role" "$db"
+  if ! PGPASSWORD="$password" psql -X -q -h 127.0.0.1 -p "${5:-5432}" -U "$role" -d "$db" \
+    -c "SELECT 1" >/dev/null; then
+    die "$role cannot log in to $db on 127.0.0.1 with the password from .env"
+  fi
+}
+
+# ensure_pg_hba ROLE DATABASE: password (scram) login for ROLE from 127.0.0.1,
+# placed before the first rule so that no broader rule shadows it.
+ensure_pg_hba() {
+  local role="$1" db="$2" hba line
+  hba="$(psql_admin -At -c "SHOW hba_file")"
+  line="host    $db    $role    127.0.0.1/32    scram-sha-256"
+  if grep -qxF "$line" "$hba"; then
+    return 0
+  fi
+  log "postgresql: adding '$line' to $hba"
+  awk -v rule="$line" '
+    !done && $0 !~ /^[[:space:]]*(#|$)/ {
+      print "# movie-shop: the service logs in with the password from .env"
+      print rule
+      done = 1
+    }
+    { print }
+    END { if (!done) print rule }
+  ' "$hba" >"$hba.movie-shop.tmp"
+  # cat keeps the file's owner and mode.
+  cat "$hba.movie-shop.tmp" >"$hba"
+  rm -f "$hba.movie-shop.tmp"
+  psql_admin -At -c "SELECT pg_reload_conf()" >/dev/null
+}
+
+# --- RabbitMQ ---
+
+# ensure_rabbitmq: RabbitMQ installed and running; when RABBITMQ_HOST is not a
+# loopback address (the VMs) it also accepts connections from other hosts.
+ensure_rabbitmq() {
+  apt_install rabbitmq-server
+  if ! is_loopback "$RABBITMQ_HOST"; then
+    # guest keeps its default: loopback only. The services use RABBITMQ_USER.
+    if write_file /etc/rabbitmq/rabbitmq.conf \
+      "# Managed by scripts/billing.sh: AMQP on every interface so gateway-vm" \
+      "# can publish; the guest user stays limited to localhost." \
+      "listeners.tcp.default = $RABBITMQ_PORT" \
+      "loopback_users.guest = true"; then
+      if rabbitmq_running; then
+        log "rabbitmq: restarting to apply /etc/rabbitmq/rabbitmq.conf"
+        if is_systemd; then
+          systemctl restart rabbitmq-server
+        else
+          rabbitmqctl -q stop
+        fi
+      fi
+    fi
+  fi
+  start_rabbitmq
+  if ! is_loopback "$RABBITMQ_HOST"; then
+    if ! rabbitmq-diagnostics -q listeners | grep "protocol: amqp" | grep -qv "127.0.0.1"; then
+      die "rabbitmq listens on loopback only; check /etc/rabbitmq/rabbitmq-env.conf"
+    fi
+  fi
+}
+
+rabbitmq_running() {
+  rabbitmq-diagnostics -q ping >/dev/null 2>&1
+}
+
+# start_rabbitmq: start the broker if it is stopped and wait for it.
+start_rabbitmq() {
+  if is_systemd; then
+    systemctl enable --quiet --now rabbitmq-server
+  elif ! rabbitmq_running; then
+    log "rabbitmq: starting"
+    rabbitmq-server -detached
+    sleep 2
+  fi
+  rabbitmqctl -q await_startup --timeout 120 >/dev/null
+}
+
+# ensure_rabbitmq_user USER PASSWORD: USER with PASSWORD and full rights on vhost /.
+ensure_rabbitmq_user() {
+  local user="$1" password="$2" users
+  users="$(rabbitmqctl -q list_users | cut -f1)"
+  # rabbitmqctl reads the password from stdin when it is not an argument.
+  if grep -qxF "$user" <<<"$users"; then
+    printf '%s\n' "$password" | rabbitmqctl -q change_password "$user" >/dev/null
+  else
+    log "rabbitmq: adding user $user"
+    printf '%s\n' "$password" | rabbitmqctl -q add_user "$user" >/dev/null
+  fi
+  rabbitmqctl -q set_permissions -p / "$user" ".*" ".*" ".*"
+}
+
+# declare_billing_queues: the durable queue and its dead-letter queue, declared
+# as the services declare them, with the services' own user and address.
+declare_billing_queues() {
+  "$VENV_ROOT/billing/bin/python" - <<'PY'
+"""Declare billing_queue (dead-lettering to billing_queue.dead) and billing_queue.dead."""
+import os
+import sys
+
+import pika
+
+queue = os.environ["RABBITMQ_QUEUE"]
+dead = f"{queue}.dead"
+params = pika.ConnectionParameters(
+    host=os.environ["RABBITMQ_HOST"],
+    port=int(os.environ["RABBITMQ_PORT"]),
+    credentials=pika.PlainCredentials(
+        os.environ["RABBITMQ_USER"], os.environ["RABBITMQ_PASSWORD"]
+    ),
+    connection_attempts=10,
+    retry_delay=2,
+)
+try:
+    with pika.BlockingConnection(params) as connection:
+        channel = connection.channel()
+        channel.queue_declare(dead, durable=True)
+        channel.queue_declare(
+            queue,
+            durable=True,
+            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead},
+        )
+except pika.exceptions.ChannelClosedByBroker as exc:
+    sys.exit(f"rabbitmq: {queue} exists with other settings ({exc}); "
+             f"delete it with: rabbitmqctl delete_queue {queue}")
+print(f"==> rabbitmq: queues {queue} and {dead} declared")
+PY
+}
+
+# --- PM2 ---
+
+# pm2_start_app NAME: start NAME from ecosystem.config.js, or reload it with
+# the current code and environment if PM2 already knows it.
+pm2_start_app() {
+  local app="$1" args=()
+  mkdir -p "$LOG_DIR"
+  if [[ -n "${PM2_ENV:-}" ]]; then
+    args+=(--env "$PM2_ENV")
+  fi
+  log "pm2: start or reload $app"
+  pm2 startOrReload "$REPO_DIR/ecosystem.config.js" --only "$app" --update-env "${args[@]}" >/dev/null
+}
+
+# pm2_persist: save the process list; with systemd, also resurrect it at boot.
+pm2_persist() {
+  pm2 save --force >/dev/null
+  if is_systemd; then
+    if ! systemctl is-enabled --quiet pm2-root 2>/dev/null; then
+      log "pm2: enabling the pm2-root service (start at boot)"
+      pm2 startup systemd -u root --hp "$(dirname "$PM2_HOME")" >/dev/null
+    fi
+  else
+    log "pm2: systemd is not PID 1 here, skipping 'pm2 startup'"
+  fi
+}
+
+# --- Files ---
+
+# write_file PATH LINE...: write the lines to PATH; true only if PATH changed.
+write_file() {
+  local path="$1" content
+  shift
+  content="$(printf '%s\n' "$@")"
+  if [[ -f "$path" && "$(cat "$path")" == "$content" ]]; then
+    return 1
+  fi
+  if [[ -f "$path" && ! -f "$path.orig" ]] && ! grep -q "movie-shop" "$path"; then
+    cp -p "$path" "$path.orig"
+  fi
+  mkdir -p "$(dirname "$path")"
+  printf '%s\n' "$content" >"$path"
+}

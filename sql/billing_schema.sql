@@ -1,0 +1,10 @@
+-- Schema of billing_db. Idempotent: safe to run with psql -f any number of times.
+CREATE TABLE IF NOT EXISTS orders (
+    id              integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id         integer NOT NULL CHECK (user_id > 0),
+    number_of_items integer NOT NULL CHECK (number_of_items > 0),
+    total_amount    numeric(12, 2) NOT NULL CHECK (total_amount >= 0),
+    -- The AMQP message_id; a redelivered message is stored once.
+    message_id      text UNIQUE,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);

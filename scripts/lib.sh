@@ -152,7 +152,7 @@ ensure_postgres() {
     [[ -d "$conf_dir" ]] || continue
     write_file "$conf_dir/50-movie-shop.conf" \
       "# Managed by scripts/lib.sh: PostgreSQL is only reached from its own VM." \
-      "listen_addresses = 'localhost'"
+      "listen_addresses = 'localhost'" || true
   done
   cluster="$(psql_admin -At -c "SHOW listen_addresses")"
   if [[ ! "$cluster" =~ ^(localhost|127\.0\.0\.1|::1)([[:space:]]*,[[:space:]]*(localhost|127\.0\.0\.1|::1))*$ ]]; then
@@ -189,11 +189,11 @@ start_postgres() {
   die "postgresql did not become ready"
 }
 
-# ensure_database ROLE PASSWORD DATABASE SCHEMA_FILE: a login role with a
+# ensure_database ROLE PASSWORD DATABASE SCHEMA_FILE [PORT]: a login role with a
 # scram password, its own database, the schema applied (tables owned by ROLE),
 # and a pg_hba.conf line letting ROLE log in from 127.0.0.1 with that password.
 ensure_database() {
-  local role="$1" password="$2" db="$3" schema="$4"
+  local role="$1" password="$2" db="$3" schema="$4" port="${5:-5432}"
   require_identifier "$role"
   require_identifier "$db"
   [[ -f "$schema" ]] || die "missing $schema"
@@ -214,14 +214,14 @@ SQL
   {
     printf 'SET client_min_messages = warning;\n'
     # Tables created by an earlier run as another user change hands first.
-    printf "SELECT format('ALTER TABLE public.%%I OWNER TO $role', tablename)\n"
-    printf "  FROM pg_tables WHERE schemaname = 'public' AND tableowner <> '$role' \\\\gexec\n"
+    printf "SELECT format('ALTER TABLE public.%%I OWNER TO %s', tablename)\n" "$role"
+    printf "  FROM pg_tables WHERE schemaname = 'public' AND tableowner <> '%s' \\gexec\n" "$role"
     printf 'SET ROLE %s;\n' "$role"
     cat "$schema"
     printf '\nRESET ROLE;\n'
   } | psql_admin -d "$db"
   ensure_pg_hba "$role" "$db"
-  if ! PGPASSWORD="$password" psql -X -q -h 127.0.0.1 -p "${5:-5432}" -U "$role" -d "$db" \
+  if ! PGPASSWORD="$password" psql -X -q -h 127.0.0.1 -p "$port" -U "$role" -d "$db" \
     -c "SELECT 1" >/dev/null; then
     die "$role cannot log in to $db on 127.0.0.1 with the password from .env"
   fi
@@ -257,6 +257,7 @@ ensure_pg_hba() {
 # ensure_rabbitmq: RabbitMQ installed and running; when RABBITMQ_HOST is not a
 # loopback address (the VMs) it also accepts connections from other hosts.
 ensure_rabbitmq() {
+  local listeners
   apt_install rabbitmq-server
   if ! is_loopback "$RABBITMQ_HOST"; then
     # guest keeps its default: loopback only. The services use RABBITMQ_USER.
@@ -266,18 +267,19 @@ ensure_rabbitmq() {
       "listeners.tcp.default = $RABBITMQ_PORT" \
       "loopback_users.guest = true"; then
       if rabbitmq_running; then
-        log "rabbitmq: restarting to apply /etc/rabbitmq/rabbitmq.conf"
         if is_systemd; then
+          log "rabbitmq: restarting to apply /etc/rabbitmq/rabbitmq.conf"
           systemctl restart rabbitmq-server
         else
-          rabbitmqctl -q stop
+          log "warning: restart RabbitMQ to apply /etc/rabbitmq/rabbitmq.conf"
         fi
       fi
     fi
   fi
   start_rabbitmq
   if ! is_loopback "$RABBITMQ_HOST"; then
-    if ! rabbitmq-diagnostics -q listeners | grep "protocol: amqp" | grep -qv "127.0.0.1"; then
+    listeners="$(rabbitmq-diagnostics -q listeners)"
+    if ! grep "protocol: amqp" <<<"$listeners" | grep -qv "127.0.0.1"; then
       die "rabbitmq listens on loopback only; check /etc/rabbitmq/rabbitmq-env.conf"
     fi
   fi

@@ -1,0 +1,52 @@
+// PM2 process list of the three services, run by root's PM2:
+//   pm2 start ecosystem.config.js --only inventory_app      (one VM, one app)
+//   pm2 start ecosystem.config.js --env local               (./scripts/up.sh)
+// Each app is `<venv>/bin/python <service>.py` with the repository as its working
+// directory; the services read .env themselves (the real environment wins).
+//
+// Read from the environment of the `pm2` command:
+//   VENV_ROOT  per-service virtualenvs, VENV_ROOT/<service> (default: ./venv;
+//              the VMs use /opt/movie-shop/venv, outside the synced folder)
+//   LOG_DIR    log files (default: ./logs; the VMs use /var/log/movie-shop)
+const path = require("path");
+
+const REPO_DIR = __dirname;
+const VENV_ROOT = process.env.VENV_ROOT || path.join(REPO_DIR, "venv");
+const LOG_DIR = process.env.LOG_DIR || path.join(REPO_DIR, "logs");
+
+// `--env local`: all three services on one machine, on the loopback address.
+const LOCAL_ADDRESSES = {
+  GATEWAY_HOST: "127.0.0.1",
+  INVENTORY_HOST: "127.0.0.1",
+  BILLING_HOST: "127.0.0.1",
+  RABBITMQ_HOST: "127.0.0.1",
+};
+
+function pythonApp(name, service) {
+  return {
+    name,
+    script: path.join(REPO_DIR, `${service}.py`),
+    interpreter: path.join(VENV_ROOT, service, "bin", "python"),
+    cwd: REPO_DIR,
+    exec_mode: "fork",
+    instances: 1,
+    autorestart: true,
+    restart_delay: 2000,
+    max_restarts: 50,
+    // PM2 sends SIGINT, then SIGKILL after kill_timeout ms.
+    kill_timeout: 5000,
+    out_file: path.join(LOG_DIR, `${name}.out.log`),
+    error_file: path.join(LOG_DIR, `${name}.err.log`),
+    time: true,
+    env: { PYTHONUNBUFFERED: "1" },
+    env_local: LOCAL_ADDRESSES,
+  };
+}
+
+module.exports = {
+  apps: [
+    pythonApp("inventory_app", "inventory"),
+    pythonApp("billing_app", "billing"),
+    pythonApp("api_gateway", "gateway"),
+  ],
+};

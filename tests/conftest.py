@@ -102,15 +102,14 @@ class Service:
 
     def start(self, wait=True):
         """Start the process and, for HTTP services, wait until it listens."""
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [PYTHON, str(ROOT / f"{self.name}.py")],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [PYTHON, str(ROOT / f"{self.name}.py")],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         if wait and self.port:
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:

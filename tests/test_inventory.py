@@ -17,7 +17,7 @@ JSON = {"Content-Type": "application/json"}
 
 
 def create(base, title, description="d"):
-    status, headers, body = call(
+    status, _, body = call(
         base, "POST", "/api/movies", {"title": title, "description": description}
     )
     assert status == 201, body

@@ -1,0 +1,348 @@
+"""Gateway against the real inventory and the real RabbitMQ."""
+
+import concurrent.futures
+import json
+import socket
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+from conftest import Service
+from conftest import call
+from conftest import delete_queues
+from conftest import free_port
+from conftest import gateway_env
+from conftest import inventory_env
+from conftest import queue_depth
+from conftest import rabbit_channel
+from conftest import wait_for
+
+ORDER = {"user_id": "20", "number_of_items": "99", "total_amount": "250"}
+
+
+def drain(queue):
+    """Take every message off queue; return [(properties, body)]."""
+    conn, channel = rabbit_channel()
+    got = []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        got.append((properties, body))
+    conn.close()
+    return got
+
+
+@pytest.fixture
+def empty_queue(gateway, queue_name):
+    drain(queue_name)
+    return queue_name
+
+
+# --- Movies: a faithful proxy ---
+
+
+def both(gateway, inventory, method, path, body=None, raw=None, headers=None):
+    """The same request to inventory and through the gateway."""
+    direct = call(inventory.url, method, path, body, headers, raw)
+    proxied = call(gateway.url, method, path, body, headers, raw)
+    return direct, proxied
+
+
+def test_proxy_create_list_get(gateway, inventory, clean_movies):
+    status, headers, movie = call(
+        gateway.url,
+        "POST",
+        "/api/movies/",
+        {"title": "A new movie", "description": "Very short description"},
+    )
+    assert status == 201
+    assert headers["Location"] == f"/api/movies/{movie['id']}"
+    assert headers["Content-Type"] == "application/json"
+    direct, proxied = both(gateway, inventory, "GET", "/api/movies/")
+    assert proxied[0] == 200 and proxied[2] == direct[2] == [movie]
+    direct, proxied = both(gateway, inventory, "GET", f"/api/movies/{movie['id']}")
+    assert proxied[::2] == direct[::2] == (200, movie)
+
+
+@pytest.mark.parametrize(
+    "method, path, body, raw, ctype",
+    [
+        ("GET", "/api/movies/424242", None, None, None),
+        ("GET", "/api/movies/abc", None, None, None),
+        ("GET", "/api/movies?title=%25&limit=5", None, None, None),
+        ("GET", "/api/movies?limit=0", None, None, None),
+        ("POST", "/api/movies", {"title": ""}, None, None),
+        ("POST", "/api/movies", None, b"{broken", "application/json"),
+        ("POST", "/api/movies", None, b'{"title": "x"}', "text/plain"),
+        ("PUT", "/api/movies/424242", {"title": "x"}, None, None),
+        ("DELETE", "/api/movies/424242/", None, None, None),
+        ("PATCH", "/api/movies/1", None, None, None),
+        ("PUT", "/api/movies", {"title": "x"}, None, None),
+        ("GET", "/api/movies/1/2", None, None, None),
+        ("OPTIONS", "/api/movies", None, None, None),
+    ],
+)
+def test_proxy_passes_statuses_and_bodies_through(
+    gateway, inventory, clean_movies, method, path, body, raw, ctype
+):
+    headers = {"Content-Type": ctype} if ctype else None
+    direct, proxied = both(gateway, inventory, method, path, body, raw, headers)
+    assert proxied[0] == direct[0]
+    assert proxied[2] == direct[2]
+    for name in ("Content-Type", "Location", "Allow"):
+        assert proxied[1].get(name) == direct[1].get(name), name
+
+
+def test_proxy_does_not_forward_hop_by_hop_headers(gateway, clean_movies):
+    status, headers, _ = call(
+        gateway.url,
+        "GET",
+        "/api/movies",
+        headers={"Connection": "keep-alive, X-Secret", "Keep-Alive": "timeout=5"},
+    )
+    assert status == 200
+    assert "Keep-Alive" not in headers
+
+
+def test_proxy_oversized_body_is_413(gateway):
+    raw = json.dumps({"title": "t", "description": "d" * (1024 * 1024)}).encode()
+    status, _, body = call(
+        gateway.url,
+        "POST",
+        "/api/movies",
+        raw=raw,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 413 and body["error"]
+
+
+def test_proxy_reuses_upstream_connections(gateway, inventory, clean_movies):
+    def inventory_connections():
+        out = subprocess.run(
+            ["ss", "-Htn", "state", "established", f"dport = :{inventory.port}"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        return len(out.splitlines())
+
+    for _ in range(50):
+        assert call(gateway.url, "GET", "/api/movies")[0] == 200
+    assert inventory_connections() <= 2
+
+
+def test_inventory_down_is_502_then_recovers(queue_name, movies_db):
+    inventory_port, port = free_port(), free_port()
+    gateway = Service("gateway", gateway_env(port, inventory_port, queue_name), port)
+    gateway.start()
+    inventory = Service("inventory", inventory_env(inventory_port), inventory_port)
+    try:
+        start = time.monotonic()
+        status, _, body = call(gateway.url, "GET", "/api/movies")
+        assert status == 502 and body["error"] == "inventory unreachable"
+        assert time.monotonic() - start < 1
+        status, _, body = call(gateway.url, "GET", "/health")
+        assert status == 503 and body["status"] == "degraded"
+        assert body["inventory"] != "ok"
+        inventory.start()
+        assert call(gateway.url, "GET", "/api/movies")[0] == 200
+        wait_for(lambda: call(gateway.url, "GET", "/health")[0] == 200, what="health")
+        inventory.stop()
+        assert call(gateway.url, "GET", "/api/movies")[0] == 502
+    finally:
+        inventory.stop()
+        gateway.stop()
+
+
+def test_slow_inventory_is_504(queue_name):
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+    threading.Thread(
+        target=lambda: held.append(listener.accept()), daemon=True
+    ).start()  # accepts, then never answers
+    port = free_port()
+    env = {**gateway_env(port, listener.getsockname()[1], queue_name)}
+    env["INVENTORY_TIMEOUT"] = "1"
+    gateway = Service("gateway", env, port).start()
+    try:
+        start = time.monotonic()
+        status, _, body = call(gateway.url, "GET", "/api/movies")
+        assert status == 504 and body["error"] == "inventory timed out"
+        assert time.monotonic() - start < 3
+    finally:
+        gateway.stop()
+        listener.close()
+
+
+# --- Billing ---
+
+
+def test_billing_publishes_confirmed_persistent_message(gateway, empty_queue):
+    for path in ("/api/billing", "/api/billing/"):
+        status, _, body = call(gateway.url, "POST", path, ORDER)
+        assert status == 200 and body == {"message": "Message posted"}
+    messages = drain(empty_queue)
+    assert len(messages) == 2
+    for properties, body in messages:
+        assert json.loads(body) == ORDER
+        assert properties.delivery_mode == 2
+        assert properties.content_type == "application/json"
+        assert properties.timestamp and abs(properties.timestamp - time.time()) < 60
+    assert len({p.message_id for p, _ in messages}) == 2
+
+
+def test_billing_body_is_forwarded_verbatim(gateway, empty_queue):
+    raw = b'{"user_id": 3, "number_of_items": 5,\n "total_amount": 19.99}'
+    status, _, _ = call(
+        gateway.url,
+        "POST",
+        "/api/billing",
+        raw=raw,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 200
+    assert [body for _, body in drain(empty_queue)] == [raw]
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        (b'{"number_of_items": 1, "total_amount": 1}', "user_id"),
+        (b'{"user_id": "abc", "number_of_items": 1, "total_amount": 1}', "user_id"),
+        (b'{"user_id": 0, "number_of_items": 1, "total_amount": 1}', "user_id"),
+        (
+            b'{"user_id": 1, "number_of_items": -2, "total_amount": 1}',
+            "number_of_items",
+        ),
+        (
+            b'{"user_id": 1, "number_of_items": 1.5, "total_amount": 1}',
+            "number_of_items",
+        ),
+        (
+            b'{"user_id": 1, "number_of_items": 1, "total_amount": "1.999"}',
+            "total_amount",
+        ),
+        (b'{"user_id": 1, "number_of_items": 1, "total_amount": -5}', "total_amount"),
+        (b'{"user_id": 1, "number_of_items": 1}', "total_amount"),
+        (b'{"user_id": 1, "number_of_items": 1, "total_amount": 1, "x": 1}', "'x'"),
+        (b"[]", "JSON object"),
+        (b"{oops", "not valid JSON"),
+        (b"", "not valid JSON"),
+    ],
+)
+def test_billing_rejects_bad_orders(gateway, empty_queue, raw, field):
+    status, _, body = call(
+        gateway.url,
+        "POST",
+        "/api/billing",
+        raw=raw,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 400 and field in body["error"]
+    assert queue_depth(empty_queue) == 0
+
+
+def test_billing_wrong_content_type_and_size(gateway, empty_queue):
+    status, _, body = call(
+        gateway.url,
+        "POST",
+        "/api/billing",
+        raw=json.dumps(ORDER).encode(),
+        headers={"Content-Type": "text/plain"},
+    )
+    assert status == 415 and body["error"]
+    big = json.dumps({**ORDER, "pad": "x" * 70_000}).encode()
+    status, _, body = call(
+        gateway.url,
+        "POST",
+        "/api/billing",
+        raw=big,
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 413 and body["error"]
+    status, headers, body = call(gateway.url, "GET", "/api/billing")
+    assert status == 405 and headers["Allow"] == "POST" and body["error"]
+    assert queue_depth(empty_queue) == 0
+
+
+def test_order_kept_when_queue_never_declared(inventory):
+    queue = f"test_fresh_{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    gateway = Service("gateway", gateway_env(port, inventory.port, queue), port)
+    gateway.start()
+    try:
+        wait_for(lambda: call(gateway.url, "GET", "/health")[0] == 200, what="health")
+        assert call(gateway.url, "POST", "/api/billing", ORDER)[0] == 200
+        assert queue_depth(queue) == 1
+    finally:
+        gateway.stop()
+        delete_queues(queue)
+
+
+def test_concurrent_orders_each_confirmed_once(gateway, empty_queue):
+    def post(i):
+        order = {"user_id": i + 1, "number_of_items": 1, "total_amount": "1.50"}
+        return call(gateway.url, "POST", "/api/billing", order)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(post, range(500)))
+    assert statuses == [200] * 500
+    messages = drain(empty_queue)
+    assert len(messages) == 500
+    assert sorted(json.loads(b)["user_id"] for _, b in messages) == list(range(1, 501))
+    assert len({p.message_id for p, _ in messages}) == 500
+
+
+def rabbit(action):
+    subprocess.run(["rabbitmqctl", "-q", action], check=True, capture_output=True)
+
+
+def test_rabbitmq_down_is_503_then_recovers(gateway, empty_queue):
+    try:
+        rabbit("stop_app")
+        wait_for(
+            lambda: call(gateway.url, "GET", "/health")[2]["rabbitmq"] != "ok",
+            what="gateway to notice RabbitMQ is down",
+        )
+        start = time.monotonic()
+        status, _, body = call(gateway.url, "POST", "/api/billing", ORDER)
+        assert status == 503 and body["error"]
+        assert time.monotonic() - start < 5
+    finally:
+        rabbit("start_app")
+    wait_for(
+        lambda: call(gateway.url, "POST", "/api/billing", ORDER)[0] == 200,
+        timeout=30,
+        what="billing posts to succeed again",
+    )
+    assert queue_depth(empty_queue) >= 1
+
+
+# --- The rest ---
+
+
+def test_health_ok(gateway):
+    status, _, body = call(gateway.url, "GET", "/health")
+    assert status == 200
+    assert body == {"status": "ok", "inventory": "ok", "rabbitmq": "ok"}
+
+
+def test_unknown_paths_and_methods(gateway):
+    for path in ("/", "/api", "/api/movie", "/api/billingx", "/nope"):
+        status, _, body = call(gateway.url, "GET", path)
+        assert status == 404 and body["error"], path
+    status, headers, body = call(gateway.url, "DELETE", "/health")
+    assert status == 405 and headers["Allow"] == "GET" and body["error"]
+
+
+def test_serves_openapi_and_docs(gateway):
+    status, headers, body = call(gateway.url, "GET", "/openapi.yaml")
+    assert status == 200 and headers["Content-Type"] == "application/yaml"
+    assert b"openapi:" in body
+    status, headers, body = call(gateway.url, "GET", "/docs")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b"/openapi.yaml" in body
+    status, _, body = call(gateway.url, "GET", "/docs/..%2F.env")
+    assert status == 404

@@ -123,6 +123,7 @@ def test_proxy_reuses_upstream_connections(gateway, inventory, clean_movies):
     def inventory_connections():
         out = subprocess.run(
             ["ss", "-Htn", "state", "established", f"dport = :{inventory.port}"],
+            check=True,
             capture_output=True,
             text=True,
         ).stdout

@@ -1,0 +1,219 @@
+"""Billing against the real RabbitMQ and PostgreSQL."""
+
+import json
+import signal
+import subprocess
+import time
+import uuid
+from decimal import Decimal
+
+import pytest
+from conftest import Service
+from conftest import admin_connect
+from conftest import billing_env
+from conftest import call
+from conftest import delete_queues
+from conftest import publish_raw
+from conftest import queue_depth
+from conftest import rabbit_channel
+from conftest import rows
+from conftest import wait_for
+
+
+@pytest.fixture
+def queue(billing_db):
+    """A queue of the test's own, and an empty orders table."""
+    with admin_connect(billing_db) as conn:
+        conn.execute("TRUNCATE orders RESTART IDENTITY")
+    name = f"test_orders_{uuid.uuid4().hex[:8]}"
+    yield name
+    delete_queues(name)
+
+
+@pytest.fixture
+def billing(queue):
+    """A billing consumer on the test queue (not started)."""
+    service = Service("billing", billing_env(queue))
+    yield service
+    service.stop(signal.SIGKILL)
+
+
+def count_orders():
+    return rows("billing_test", "SELECT count(*) FROM orders")[0][0]
+
+
+def order(i, **changes):
+    return {"user_id": i, "number_of_items": 1, "total_amount": "9.99", **changes}
+
+
+def test_backlog_published_while_stopped_is_stored_on_start(billing, queue):
+    publish_raw(queue, [order(i) for i in range(1, 101)], [f"m{i}" for i in range(100)])
+    assert queue_depth(queue) == 100
+    billing.start()
+    wait_for(lambda: count_orders() == 100, what="100 orders")
+    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
+    assert rows("billing_test", "SELECT min(user_id), max(user_id) FROM orders") == [
+        (1, 100)
+    ]
+
+
+def test_numbers_and_numeric_strings_are_stored_right(billing, queue):
+    publish_raw(
+        queue,
+        [
+            {"user_id": "3", "number_of_items": "5", "total_amount": "180"},
+            {"user_id": 4, "number_of_items": 6, "total_amount": 19.99},
+            {"user_id": "5", "number_of_items": 7, "total_amount": "0.5"},
+            '{"user_id": 6, "number_of_items": 8, "total_amount": 12, "note": "x"}',
+        ],
+    )  # no message_id, no content_type: as published by hand
+    billing.start()
+    wait_for(lambda: count_orders() == 4, what="4 orders")
+    assert rows(
+        "billing_test",
+        "SELECT user_id, number_of_items, total_amount, message_id FROM orders"
+        " ORDER BY user_id",
+    ) == [
+        (3, 5, Decimal("180.00"), None),
+        (4, 6, Decimal("19.99"), None),
+        (5, 7, Decimal("0.50"), None),
+        (6, 8, Decimal("12.00"), None),
+    ]
+
+
+POISON = [
+    b"not json",
+    b"\xff\xfe garbage",
+    b"[1, 2, 3]",
+    b'"just a string"',
+    b"{}",
+    json.dumps(order(1, user_id="abc")).encode(),
+    json.dumps(order(1, user_id=-4)).encode(),
+    json.dumps(order(1, number_of_items=2**40)).encode(),
+    json.dumps(order(1, total_amount="1.999")).encode(),
+    json.dumps(order(1, total_amount=10**15)).encode(),
+    json.dumps(order(1, total_amount=None)).encode(),
+    b"[" * 100_000,
+]
+
+
+def test_invalid_messages_are_dead_lettered_and_others_stored(billing, queue):
+    bodies = []
+    for i, poison in enumerate(POISON):
+        bodies += [order(100 + i), poison]
+    bodies.append(order(999))
+    publish_raw(queue, bodies)
+    billing.start()
+    wait_for(lambda: count_orders() == len(POISON) + 1, what="the good orders")
+    wait_for(lambda: queue_depth(f"{queue}.dead") == len(POISON), what="dead letters")
+    assert queue_depth(queue) == 0
+    conn, channel = rabbit_channel()
+    dead = []
+    for _ in POISON:
+        _, properties, body = channel.basic_get(f"{queue}.dead", auto_ack=True)
+        dead.append(body)
+        assert properties.headers["x-death"][0]["reason"] == "rejected"
+    conn.close()
+    assert sorted(dead) == sorted(POISON)
+    assert billing.tail(200).count("rejected message") == len(POISON)
+
+
+def test_same_message_id_is_stored_once(billing, queue):
+    publish_raw(queue, [order(7), order(7), order(8)], ["dup", "dup", "other"])
+    billing.start()
+    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
+    time.sleep(0.5)
+    publish_raw(queue, [order(7)], ["dup"])  # redelivered later, in another batch
+    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
+    time.sleep(0.5)
+    assert rows("billing_test", "SELECT message_id FROM orders ORDER BY id") == [
+        ("dup",),
+        ("other",),
+    ]
+
+
+def test_kill_9_mid_backlog_loses_and_duplicates_nothing(billing, queue):
+    total = 5000
+    publish_raw(
+        queue, [order(i + 1) for i in range(total)], [f"k{i}" for i in range(total)]
+    )
+    billing.start()
+    wait_for(lambda: count_orders() > 0, interval=0.01, what="the first orders")
+    billing.stop(signal.SIGKILL)
+    stored_at_kill = count_orders()
+    billing.start()
+    wait_for(lambda: count_orders() == total, what=f"{total} orders")
+    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
+    assert rows("billing_test", "SELECT count(DISTINCT message_id) FROM orders") == [
+        (total,)
+    ]
+    print(f"killed with {stored_at_kill} of {total} stored; {total} rows after restart")
+
+
+def pg(action):
+    version = subprocess.check_output(["ls", "/etc/postgresql"], text=True).split()[0]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_database_outage_mid_stream_loses_nothing(billing, queue):
+    billing.start()
+    publish_raw(
+        queue, [order(i + 1) for i in range(200)], [f"a{i}" for i in range(200)]
+    )
+    wait_for(lambda: count_orders() == 200, what="the first 200 orders")
+    try:
+        pg("stop")
+        publish_raw(
+            queue,
+            [order(i + 1) for i in range(200, 500)],
+            [f"a{i}" for i in range(200, 500)],
+        )
+        time.sleep(3)  # billing retries meanwhile, acking nothing
+        assert billing.proc.poll() is None
+    finally:
+        pg("start")
+    wait_for(lambda: count_orders() == 500, timeout=30, what="all 500 orders")
+    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
+    assert queue_depth(f"{queue}.dead") == 0
+    assert "database unavailable" in billing.tail(400)
+
+
+def test_sigterm_exits_cleanly(billing, queue):
+    publish_raw(
+        queue, [order(i + 1) for i in range(3000)], [f"t{i}" for i in range(3000)]
+    )
+    billing.start()
+    wait_for(lambda: count_orders() > 0, interval=0.01, what="the first orders")
+    start = time.monotonic()
+    assert billing.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - start < 5
+    stored = count_orders()
+    assert stored + queue_depth(queue) == 3000  # every message stored or still queued
+    assert "billing stopped" in billing.tail()
+
+
+def test_end_to_end_through_gateway(gateway, queue_name, billing_db):
+    with admin_connect(billing_db) as conn:
+        conn.execute("TRUNCATE orders RESTART IDENTITY")
+    conn, channel = rabbit_channel()
+    channel.queue_purge(queue_name)  # left over by other tests
+    conn.close()
+    consumer = Service("billing", billing_env(queue_name)).start()
+    try:
+        for user in (20, 22):
+            body = {
+                "user_id": str(user),
+                "number_of_items": "99",
+                "total_amount": "250",
+            }
+            assert call(gateway.url, "POST", "/api/billing/", body)[0] == 200
+        wait_for(lambda: count_orders() == 2, what="both orders")
+        assert rows(
+            "billing_test", "SELECT user_id, total_amount FROM orders ORDER BY user_id"
+        ) == [(20, Decimal("250.00")), (22, Decimal("250.00"))]
+    finally:
+        assert consumer.stop() == 0

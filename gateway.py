@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+import types
 import uuid
 from decimal import Decimal
 from http import HTTPStatus
@@ -49,6 +50,7 @@ MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
 REQUEST_TIMEOUT = 10  # seconds a client has to send a whole request
 MAX_CONNECTIONS = 512  # open client connections, one thread each
 PUBLISH_TIMEOUT = 4  # seconds to wait for RabbitMQ's confirm before 503
+RELAY_PIECE = 64 * 1024  # bytes per piece of a streamed answer
 UPSTREAM_IDLE = 4  # seconds an idle upstream connection is kept (inventory: 10)
 HOP_BY_HOP = {
     "connection",
@@ -245,6 +247,8 @@ class Upstream:
         try:
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
+            if resp.chunked:
+                return resp.status, resp.getheaders(), self._relay(conn, resp)
             data = resp.read()
         except TimeoutError:
             conn.close()
@@ -255,11 +259,28 @@ class Upstream:
             conn.close()
             log.warning("inventory failed: %s", exc)
             raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory failed") from None
+        self._release(conn, resp)
+        return resp.status, resp.getheaders(), data
+
+    def _release(self, conn, resp):
+        """Keep conn for the next request unless the server is closing it."""
         if resp.will_close:
             conn.close()
         else:
             self._idle.append((conn, time.monotonic()))
-        return resp.status, resp.getheaders(), data
+
+    def _relay(self, conn, resp):
+        """Yield a streamed (chunked) answer piece by piece, then release conn."""
+        complete = False
+        try:
+            while data := resp.read1(RELAY_PIECE):
+                yield data
+            complete = True
+        finally:
+            if complete:
+                self._release(conn, resp)
+            else:
+                conn.close()
 
 
 # --- RabbitMQ publisher ---
@@ -517,6 +538,7 @@ class Server(ThreadingHTTPServer):
         self.upstream, self.publisher = upstream, publisher
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._deadlines = {}
+        self.cut = set()  # sockets the reaper cut off mid-request
         self._lock = threading.Lock()
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
@@ -534,6 +556,8 @@ class Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.watch(request, None)
+            with self._lock:
+                self.cut.discard(request)
             self._slots.release()
 
     def watch(self, sock, seconds):
@@ -553,6 +577,7 @@ class Server(ThreadingHTTPServer):
                 late = [s for s, t in self._deadlines.items() if t < now]
                 for sock in late:
                     del self._deadlines[sock]
+                self.cut.update(late)
             for sock in late:
                 try:
                     sock.shutdown(socket.SHUT_RD)
@@ -586,7 +611,7 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "gateway/1.0"
-    timeout = REQUEST_TIMEOUT  # backstop; the server's reaper enforces deadlines
+    timeout = REQUEST_TIMEOUT + 5  # backstop; the reaper enforces the deadline
 
     def setup(self):
         """Disable Nagle: headers and body go out in separate writes."""
@@ -597,6 +622,20 @@ class Handler(BaseHTTPRequestHandler):
         """Read and answer one request within REQUEST_TIMEOUT."""
         self.server.watch(self.connection, REQUEST_TIMEOUT)
         super().handle_one_request()
+
+    def parse_request(self):
+        """Refuse a request that the reaper cut off before it was complete."""
+        if self.raw_requestline.endswith(b"\n"):
+            ok = super().parse_request()  # answers 400 itself when not ok
+            timed_out = ok and self.connection in self.server.cut
+        else:  # cut off mid-line, or the client closed
+            ok, timed_out = False, self.connection in self.server.cut
+        if timed_out:
+            self.command, self.request_version = None, "HTTP/1.1"
+            self.requestline = self.raw_requestline.decode("latin-1").rstrip()
+            self.send_error(HTTPStatus.REQUEST_TIMEOUT, "request not received in time")
+            return False
+        return ok
 
     def do_GET(self):
         self.dispatch()
@@ -687,6 +726,9 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, status, payload, headers=None):
         """Write a response (JSON unless headers say) with an exact Content-Length."""
         self.server.watch(self.connection, None)
+        if isinstance(payload, types.GeneratorType):
+            self._respond_chunked(status, payload, headers)
+            return
         if isinstance(payload, bytes):
             body = payload
         else:
@@ -704,6 +746,25 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _respond_chunked(self, status, pieces, headers):
+        """Relay a response of unknown length with chunked transfer encoding."""
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for data in pieces:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except (OSError, http.client.HTTPException) as exc:
+            # Too late for an error status: cut the connection so the client
+            # sees a truncated body rather than a complete-looking one.
+            log.warning("relaying %s stopped: %s", self.path, exc)
+            self.close_connection = True
+            pieces.close()
+            return
+        self.wfile.write(b"0\r\n\r\n")
 
     def send_error(self, code, message=None, explain=None):
         """Answer http.server's own errors (bad request line, odd method) in JSON."""

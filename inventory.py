@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+import types
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
@@ -44,6 +45,7 @@ MAX_DB_INT = 2**31 - 1
 REQUEST_TIMEOUT = 10  # seconds a client has to send a whole request
 MAX_CONNECTIONS = 512  # open client connections, one thread each
 DB_WAIT = 4  # seconds to wait for a database connection before answering 503
+STREAM_CHUNK = 2000  # rows per chunk of a streamed list; smaller lists are not
 
 # --- Config ---
 
@@ -117,6 +119,25 @@ class Database:
         """Run a named query and return the first column of its first row."""
         row = self.row(name, **params)
         return None if row is None else row[0]
+
+    def chunks(self, name, **params):
+        """Yield the first column of a query's rows in lists of STREAM_CHUNK.
+
+        One connection is held until the generator ends; rows come from the
+        server a chunk at a time, so memory stays flat whatever the table size.
+        """
+        try:
+            with self.pool.connection() as conn:
+                chunk = []
+                for row in conn.cursor().stream(QUERIES[name], params, size=500):
+                    chunk.append(row[0])
+                    if len(chunk) == STREAM_CHUNK:
+                        yield chunk
+                        chunk = []
+                yield chunk
+        except psycopg.OperationalError as exc:
+            log.warning("database unavailable: %s", exc)
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
 
 
 # --- Errors and validation ---
@@ -211,8 +232,24 @@ def list_movies(req):
         pattern = like_pattern(check_text(title, "title", MAX_TITLE, required=False))
     limit = parse_count(req.query, "limit", 1, MAX_LIMIT)
     offset = parse_count(req.query, "offset", 0, MAX_DB_INT) or 0
-    body = req.db.one("list_movies", pattern=pattern, limit=limit, offset=offset)
-    return HTTPStatus.OK, body
+    if limit is not None:
+        body = req.db.one("list_movies", pattern=pattern, limit=limit, offset=offset)
+        return HTTPStatus.OK, body
+    chunks = req.db.chunks("stream_movies", pattern=pattern, offset=offset)
+    first = next(chunks)
+    if len(first) < STREAM_CHUNK:
+        chunks.close()
+        return HTTPStatus.OK, "[" + ",".join(first) + "]"
+    return HTTPStatus.OK, _json_array(first, chunks)
+
+
+def _json_array(first, rest):
+    """Yield the pieces of a JSON array from chunks of JSON texts."""
+    yield "[" + ",".join(first)
+    for chunk in rest:
+        if chunk:
+            yield "," + ",".join(chunk)
+    yield "]"
 
 
 def create_movie(req):
@@ -281,6 +318,7 @@ class Server(ThreadingHTTPServer):
         self.db = db
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._deadlines = {}
+        self.cut = set()  # sockets the reaper cut off mid-request
         self._lock = threading.Lock()
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
@@ -298,6 +336,8 @@ class Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.watch(request, None)
+            with self._lock:
+                self.cut.discard(request)
             self._slots.release()
 
     def watch(self, sock, seconds):
@@ -317,6 +357,7 @@ class Server(ThreadingHTTPServer):
                 late = [s for s, t in self._deadlines.items() if t < now]
                 for sock in late:
                     del self._deadlines[sock]
+                self.cut.update(late)
             for sock in late:
                 try:
                     sock.shutdown(socket.SHUT_RD)
@@ -350,7 +391,7 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "inventory/1.0"
-    timeout = REQUEST_TIMEOUT  # backstop; the server's reaper enforces deadlines
+    timeout = REQUEST_TIMEOUT + 5  # backstop; the reaper enforces the deadline
 
     def setup(self):
         """Disable Nagle: headers and body go out in separate writes."""
@@ -361,6 +402,20 @@ class Handler(BaseHTTPRequestHandler):
         """Read and answer one request within REQUEST_TIMEOUT."""
         self.server.watch(self.connection, REQUEST_TIMEOUT)
         super().handle_one_request()
+
+    def parse_request(self):
+        """Refuse a request that the reaper cut off before it was complete."""
+        if self.raw_requestline.endswith(b"\n"):
+            ok = super().parse_request()  # answers 400 itself when not ok
+            timed_out = ok and self.connection in self.server.cut
+        else:  # cut off mid-line, or the client closed
+            ok, timed_out = False, self.connection in self.server.cut
+        if timed_out:
+            self.command, self.request_version = None, "HTTP/1.1"
+            self.requestline = self.raw_requestline.decode("latin-1").rstrip()
+            self.send_error(HTTPStatus.REQUEST_TIMEOUT, "request not received in time")
+            return False
+        return ok
 
     def do_GET(self):
         self.dispatch()
@@ -461,6 +516,9 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, status, payload, headers=None):
         """Write a JSON response with an exact Content-Length."""
         self.server.watch(self.connection, None)
+        if isinstance(payload, types.GeneratorType):
+            self._respond_chunked(status, payload)
+            return
         if isinstance(payload, str):
             body = payload.encode()
         else:
@@ -475,6 +533,25 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _respond_chunked(self, status, pieces):
+        """Stream a response of unknown length with chunked transfer encoding."""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for piece in pieces:
+                data = piece.encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except (OSError, ApiError) as exc:
+            # Too late for an error status: cut the connection so the client
+            # sees a truncated body rather than a complete-looking one.
+            log.warning("streaming %s stopped: %s", self.path, exc)
+            self.close_connection = True
+            pieces.close()
+            return
+        self.wfile.write(b"0\r\n\r\n")
 
     def send_error(self, code, message=None, explain=None):
         """Answer http.server's own errors (bad request line, odd method) in JSON."""

@@ -2,13 +2,24 @@
 -- so the service never decodes and re-encodes rows.
 
 -- name: list_movies
--- All movies (or those whose title contains the escaped pattern), ordered by id.
+-- One page of movies (or of those whose title contains the escaped pattern),
+-- ordered by id, as a JSON array.
 SELECT coalesce(json_agg(m ORDER BY m.id), '[]')::text
 FROM (
     SELECT id, title, description FROM movies
     WHERE %(pattern)s::text IS NULL OR title ILIKE %(pattern)s
     ORDER BY id
     LIMIT %(limit)s OFFSET %(offset)s
+) AS m;
+
+-- name: stream_movies
+-- The same rows one JSON object each, for streaming a list of any size.
+SELECT row_to_json(m)::text
+FROM (
+    SELECT id, title, description FROM movies
+    WHERE %(pattern)s::text IS NULL OR title ILIKE %(pattern)s
+    ORDER BY id
+    OFFSET %(offset)s
 ) AS m;
 
 -- name: get_movie

@@ -65,9 +65,25 @@ def sql(db, query):
     else:
         cmd = ["psql", "-U", "postgres"]
     proc = subprocess.run(
-        [*cmd, "-X", "-A", "-t", "-F", "\x1f", "-v", "ON_ERROR_STOP=1", "-d", db,
-         "-c", query],
-        cwd="/", capture_output=True, text=True, timeout=30, check=False,
+        [
+            *cmd,
+            "-X",
+            "-A",
+            "-t",
+            "-F",
+            "\x1f",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            db,
+            "-c",
+            query,
+        ],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert proc.returncode == 0, f"psql -d {db} failed: {proc.stderr}"
     return [line.split("\x1f") for line in proc.stdout.splitlines() if line]
@@ -115,7 +131,9 @@ def stack():
         with urllib.request.urlopen(GATEWAY + "/health", timeout=5) as resp:
             health = json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        pytest.fail(f"{GATEWAY}/health answered {exc.code}: {exc.read()!r}; {START_HINT}")
+        pytest.fail(
+            f"{GATEWAY}/health answered {exc.code}: {exc.read()!r}; {START_HINT}"
+        )
     except OSError as exc:
         pytest.fail(f"gateway {GATEWAY} unreachable ({exc}); {START_HINT}")
     assert health == {"status": "ok", "inventory": "ok", "rabbitmq": "ok"}
@@ -132,7 +150,9 @@ def test_movie_is_created_listed_and_stored(stack):
     """Steps 6, 7, 9, 10: POST 201, GET 200 lists it, row in movies_db.movies."""
     title = f"A new movie {uuid.uuid4().hex[:12]}"
     status, movie = request(
-        "POST", "/api/movies/", {"title": title, "description": "Very short description"}
+        "POST",
+        "/api/movies/",
+        {"title": title, "description": "Very short description"},
     )
     assert status == 201, movie
     assert movie["title"] == title
@@ -142,9 +162,16 @@ def test_movie_is_created_listed_and_stored(stack):
     assert status == 200
     assert movie in movies
 
-    assert [MOVIES_DB] == [row[0] for row in sql("postgres", "SELECT datname FROM "
-                                                 f"pg_database WHERE datname = '{MOVIES_DB}'")]
-    rows = sql(MOVIES_DB, f"SELECT title, description FROM movies WHERE id = {int(movie['id'])}")
+    assert [MOVIES_DB] == [
+        row[0]
+        for row in sql(
+            "postgres", f"SELECT datname FROM pg_database WHERE datname = '{MOVIES_DB}'"
+        )
+    ]
+    rows = sql(
+        MOVIES_DB,
+        f"SELECT title, description FROM movies WHERE id = {int(movie['id'])}",
+    )
     assert rows == [[title, "Very short description"]]
 
 
@@ -165,7 +192,9 @@ def test_billing_order_waits_while_billing_app_is_stopped(stack):
         assert run("pm2", "stop", "billing_app").returncode == 0
         assert pm2_status()["billing_app"] == "stopped"
         listing = run("pm2", "list").stdout
-        assert any("billing_app" in line and "stopped" in line for line in listing.splitlines())
+        assert any(
+            "billing_app" in line and "stopped" in line for line in listing.splitlines()
+        )
 
         status, body = request(
             "POST",
@@ -185,7 +214,9 @@ def test_billing_order_waits_while_billing_app_is_stopped(stack):
 
 def test_billing_database_is_listed(stack):
     """Step 14: billing_db exists, with table orders owned by the service role."""
-    owner = sql(BILLING_DB, "SELECT tableowner FROM pg_tables WHERE tablename = 'orders'")
+    owner = sql(
+        BILLING_DB, "SELECT tableowner FROM pg_tables WHERE tablename = 'orders'"
+    )
     assert owner == [[ENV.get("BILLING_DB_USER", "billing_user")]]
 
 
@@ -195,7 +226,9 @@ def test_billing_database_is_listed(stack):
 def vagrant(*args):
     """Run vagrant in the repository without calling HashiCorp's servers."""
     if shutil.which("vagrant") is None:
-        pytest.fail("`vagrant` is not installed; scripts/test.sh installs it (apt-get install vagrant)")
+        pytest.fail(
+            "`vagrant` is not installed; scripts/test.sh installs it (apt-get install vagrant)"
+        )
     return subprocess.run(
         ["vagrant", *args],
         cwd=ROOT,
@@ -209,13 +242,17 @@ def vagrant(*args):
 
 def test_vagrantfile_validates():
     """Step 3 as far as this machine goes: a valid Vagrantfile with three VMs."""
-    proc = vagrant("validate")
+    proc = vagrant("validate", "--ignore-provider")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Plain validate and status need a provider plugin; VirtualBox is not here.
+    hint = "vagrant needs a provider here: apt-get install vagrant-libvirt\n"
+    proc = vagrant("validate")
+    assert proc.returncode == 0, hint + proc.stdout + proc.stderr
     assert "validated successfully" in proc.stdout
     proc = vagrant("status")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, hint + proc.stdout + proc.stderr
     for name in ("gateway-vm", "inventory-vm", "billing-vm"):
-        assert name in proc.stdout, proc.stdout
+        assert name in proc.stdout, hint + proc.stdout
 
 
 def test_scripts_pass_shellcheck():

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from conftest import Service
+from conftest import admin_connect
 from conftest import call
 from conftest import delete_queues
 from conftest import free_port
@@ -347,3 +348,16 @@ def test_serves_openapi_and_docs(gateway):
     assert b"/openapi.yaml" in body
     status, _, body = call(gateway.url, "GET", "/docs/..%2F.env")
     assert status == 404
+
+
+def test_proxy_relays_streamed_lists(gateway, inventory, clean_movies):
+    with admin_connect(clean_movies) as conn:
+        conn.execute(
+            "INSERT INTO movies (title, description)"
+            " SELECT 'Bulk ' || i, repeat('x', 100) FROM generate_series(1, 5000) AS i"
+        )
+    direct, proxied = both(gateway, inventory, "GET", "/api/movies")
+    assert proxied[1]["Transfer-Encoding"] == "chunked"
+    assert proxied[0] == 200 and proxied[2] == direct[2]
+    assert len(proxied[2]) == 5000
+    assert call(gateway.url, "GET", "/api/movies?limit=1")[2] == direct[2][:1]

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from conftest import Service
+from conftest import admin_connect
 from conftest import call
 from conftest import free_port
 from conftest import inventory_env
@@ -22,6 +23,14 @@ def create(base, title, description="d"):
     )
     assert status == 201, body
     return body
+
+
+def recv_until_closed(sock):
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
 
 
 def test_create_and_get(inventory, clean_movies):
@@ -202,7 +211,7 @@ def test_oversized_body_is_413_without_reading_it(inventory):
             b"POST /api/movies HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
             b"\r\nContent-Length: 2000000\r\n\r\n{"
         )
-        answer = sock.recv(4096)
+        answer = recv_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b'"error"' in answer
 
@@ -263,8 +272,17 @@ def test_idle_client_is_timed_out(inventory):
     with socket.create_connection(("127.0.0.1", inventory.port), timeout=20) as sock:
         sock.sendall(b"GET /api/mov")  # and then nothing
         start = time.monotonic()
-        assert sock.recv(4096) == b""
+        answer = recv_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"error"' in answer
         assert time.monotonic() - start < 15
+    with socket.create_connection(("127.0.0.1", inventory.port), timeout=20) as sock:
+        sock.sendall(b"GET /api/movies HTTP/1.1\r\nHost: x\r\n")  # headers unfinished
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+    with socket.create_connection(("127.0.0.1", inventory.port), timeout=20) as sock:
+        start = time.monotonic()
+        assert sock.recv(4096) == b""  # idle: closed without a word
+        assert 5 < time.monotonic() - start < 15
 
 
 def test_database_unreachable_is_503_fast(movies_db):
@@ -308,3 +326,18 @@ def test_recovers_after_database_restart(inventory, clean_movies):
         what="inventory to recover",
     )
     assert create(inventory.url, "After restart")["title"] == "After restart"
+
+
+def test_large_list_is_streamed_complete_and_in_order(inventory, clean_movies):
+    with admin_connect(clean_movies) as conn:
+        conn.execute(
+            "INSERT INTO movies (title, description)"
+            " SELECT 'Bulk ' || i, 'd' FROM generate_series(1, 4500) AS i"
+        )
+    status, headers, body = call(inventory.url, "GET", "/api/movies")
+    assert status == 200 and headers["Transfer-Encoding"] == "chunked"
+    assert [m["id"] for m in body] == list(range(1, 4501))
+    assert body[-1] == {"id": 4500, "title": "Bulk 4500", "description": "d"}
+    status, _, body = call(inventory.url, "GET", "/api/movies?title=bulk%2045&offset=2")
+    expected = [f"Bulk {i}" for i in range(451, 460)] + ["Bulk 4500"]
+    assert status == 200 and [m["title"] for m in body] == expected

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_queries_load_by_name():
     assert set(inventory.QUERIES) == {
         "list_movies",
+        "stream_movies",
         "get_movie",
         "insert_movie",
         "update_movie",

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test. Sets up what the tests need on a Debian/Ubuntu machine
+# (packages, the test virtualenv, npm tools), brings the local stack up with
+# ./scripts/up.sh (safe when it is already up), then runs ruff and pytest.
+# Extra arguments go to pytest, e.g. ./scripts/test.sh -k billing
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+REPO_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$REPO_DIR/scripts/lib.sh"
+cd "$REPO_DIR"
+
+[[ "$(id -u)" == 0 ]] || die "run as root (tests manage root's PM2 and the databases): sudo $0"
+
+apt_install curl
+apt_install iproute2
+apt_install shellcheck
+apt_install vagrant
+ensure_node_pm2
+ensure_venv dev
+log "npm: installing newman and swagger-ui-dist (package-lock.json)"
+npm ci --no-audit --no-fund --loglevel=error >/dev/null
+
+"$REPO_DIR/scripts/up.sh" >/dev/null
+start_postgres
+start_rabbitmq
+
+log "ruff"
+venv/dev/bin/ruff check .
+venv/dev/bin/ruff format --check .
+
+log "pytest"
+exec venv/dev/bin/python -m pytest tests -ra "$@"

@@ -37,7 +37,7 @@ function pythonApp(name, service) {
     kill_timeout: 5000,
     out_file: path.join(LOG_DIR, `${name}.out.log`),
     error_file: path.join(LOG_DIR, `${name}.err.log`),
-    time: true,
+    merge_logs: true,
     env: { PYTHONUNBUFFERED: "1" },
     env_local: LOCAL_ADDRESSES,
   };

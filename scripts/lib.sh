@@ -113,7 +113,7 @@ ensure_node_pm2() {
 }
 
 # ensure_venv SERVICE: $VENV_ROOT/SERVICE with requirements-SERVICE.txt installed.
-# pip only runs when the requirements file changed since the last install.
+# pip only runs when the requirements changed since the last install.
 ensure_venv() {
   local service="$1"
   local requirements="$REPO_DIR/requirements-$service.txt"
@@ -127,7 +127,12 @@ ensure_venv() {
     mkdir -p "$VENV_ROOT"
     python3 -m venv --clear "$venv"
   fi
-  stamp="$(sha256sum "$requirements" | cut -d" " -f1)"
+  # The stamp covers the file and the files it includes with "-r other.txt".
+  local files=("$requirements") included
+  while read -r included; do
+    files+=("$(dirname "$requirements")/$included")
+  done < <(sed -n 's/^[[:space:]]*-r[[:space:]]*//p' "$requirements")
+  stamp="$(cat "${files[@]}" | sha256sum | cut -d" " -f1)"
   if [[ "$(cat "$venv/.requirements.sha256" 2>/dev/null || true)" != "$stamp" ]]; then
     log "venv: installing $(basename "$requirements") into $venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"

@@ -17,6 +17,7 @@ apt_install curl
 apt_install iproute2
 apt_install shellcheck
 apt_install vagrant
+apt_install vagrant-libvirt
 ensure_node_pm2
 ensure_venv dev
 log "npm: installing newman and swagger-ui-dist (package-lock.json)"

@@ -113,8 +113,8 @@ def check_amount(value, field):
     if (
         not isinstance(value, Decimal)
         or not value.is_finite()
-        or value != value.quantize(Decimal("0.01"), rounding="ROUND_DOWN")
         or not 0 <= value <= MAX_AMOUNT
+        or value != value.quantize(Decimal("0.01"), rounding="ROUND_DOWN")
     ):
         raise InvalidOrder(f"'{field}' must be an amount from 0 to {MAX_AMOUNT}")
     return value

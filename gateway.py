@@ -75,14 +75,29 @@ DOCS_PAGE = """<!doctype html>
 <html lang="en">
 <head>
   <meta charset="utf-8">
-  <title>Movie shop gateway API</title>
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>Movie shop API gateway - API docs</title>
   <link rel="stylesheet" href="/docs/swagger-ui.css">
+  <link rel="icon" type="image/png" href="/docs/favicon-32x32.png" sizes="32x32">
+  <link rel="icon" type="image/png" href="/docs/favicon-16x16.png" sizes="16x16">
+  <style>body { margin: 0; }</style>
 </head>
 <body>
   <div id="swagger-ui"></div>
   <script src="/docs/swagger-ui-bundle.js"></script>
+  <script src="/docs/swagger-ui-standalone-preset.js"></script>
   <script>
-    window.ui = SwaggerUIBundle({url: "/openapi.yaml", dom_id: "#swagger-ui"});
+    window.addEventListener("load", function () {
+      window.ui = SwaggerUIBundle({
+        url: "/openapi.yaml",
+        dom_id: "#swagger-ui",
+        deepLinking: true,
+        presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+        plugins: [SwaggerUIBundle.plugins.DownloadUrl],
+        layout: "StandaloneLayout",
+        validatorUrl: null
+      });
+    });
   </script>
 </body>
 </html>
@@ -155,8 +170,8 @@ def check_amount(value, field):
     if (
         not isinstance(value, Decimal)
         or not value.is_finite()
-        or value != value.quantize(Decimal("0.01"), rounding="ROUND_DOWN")
         or not 0 <= value <= MAX_AMOUNT
+        or value != value.quantize(Decimal("0.01"), rounding="ROUND_DOWN")
     ):
         raise _bad(f"'{field}' must be an amount from 0 to {MAX_AMOUNT}, 2 decimals")
     return value
@@ -593,6 +608,15 @@ class Server(ThreadingHTTPServer):
             log.exception("error serving %s", client_address)
 
 
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_NON_ASCII = re.compile(r"[\x80-\xff]")  # raw bytes, as http.server decoded them
+
+
+def _percent_encode(match):
+    """Percent-encode one raw byte of the request target."""
+    return f"%{ord(match.group()):02X}"
+
+
 def _refuse(sock):
     """Answer 503 on a connection the server has no room for."""
     body = b'{"error": "server busy, try again"}'
@@ -628,6 +652,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.raw_requestline.endswith(b"\n"):
             ok = super().parse_request()  # answers 400 itself when not ok
             timed_out = ok and self.connection in self.server.cut
+            if ok and not timed_out:
+                return self._check_target()
         else:  # cut off mid-line, or the client closed
             ok, timed_out = False, self.connection in self.server.cut
         if timed_out:
@@ -636,6 +662,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.REQUEST_TIMEOUT, "request not received in time")
             return False
         return ok
+
+    def _check_target(self):
+        """Refuse control characters in the path; percent-encode raw non-ASCII."""
+        if _CONTROL.search(self.path):
+            self.send_error(HTTPStatus.BAD_REQUEST, "control character in the URL")
+            return False
+        self.path = _NON_ASCII.sub(_percent_encode, self.path)
+        return True
 
     def do_GET(self):
         self.dispatch()
@@ -653,6 +687,11 @@ class Handler(BaseHTTPRequestHandler):
         """Route the request, run its handler and write the answer."""
         self._body_read = False
         try:
+            if "Transfer-Encoding" in self.headers:
+                self.close_connection = True  # we cannot tell where the body ends
+                raise ApiError(
+                    HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header"
+                )
             handler, params = self._route(urlsplit(self.path).path)
             result = handler(self, **params)
             status, payload, headers = (*result, {})[:3]
@@ -695,8 +734,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_body(self, limit, json_only=False):
         """Read the raw body, enforcing Content-Length, size and (if asked) JSON."""
-        if self.headers.get("Transfer-Encoding"):
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
         if json_only:
             media = self.headers.get("Content-Type", "application/json")
             media = media.split(";")[0].strip().lower()
@@ -772,6 +809,7 @@ class Handler(BaseHTTPRequestHandler):
             self.dispatch()  # an unknown method: proxied, 405 or 404
             return
         self.close_connection = True
+        self.request_version = "HTTP/1.1"  # always answer with a status line
         self.respond(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
 
     def log_message(self, format, *args):

@@ -373,6 +373,15 @@ class Server(ThreadingHTTPServer):
             log.exception("error serving %s", client_address)
 
 
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_NON_ASCII = re.compile(r"[\x80-\xff]")  # raw bytes, as http.server decoded them
+
+
+def _percent_encode(match):
+    """Percent-encode one raw byte of the request target."""
+    return f"%{ord(match.group()):02X}"
+
+
 def _refuse(sock):
     """Answer 503 on a connection the server has no room for."""
     body = b'{"error": "server busy, try again"}'
@@ -408,6 +417,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.raw_requestline.endswith(b"\n"):
             ok = super().parse_request()  # answers 400 itself when not ok
             timed_out = ok and self.connection in self.server.cut
+            if ok and not timed_out:
+                return self._check_target()
         else:  # cut off mid-line, or the client closed
             ok, timed_out = False, self.connection in self.server.cut
         if timed_out:
@@ -416,6 +427,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.REQUEST_TIMEOUT, "request not received in time")
             return False
         return ok
+
+    def _check_target(self):
+        """Refuse control characters in the path; percent-encode raw non-ASCII."""
+        if _CONTROL.search(self.path):
+            self.send_error(HTTPStatus.BAD_REQUEST, "control character in the URL")
+            return False
+        self.path = _NON_ASCII.sub(_percent_encode, self.path)
+        return True
 
     def do_GET(self):
         self.dispatch()
@@ -438,6 +457,11 @@ class Handler(BaseHTTPRequestHandler):
         self.query = {}
         self._body_read = False
         try:
+            if "Transfer-Encoding" in self.headers:
+                self.close_connection = True  # we cannot tell where the body ends
+                raise ApiError(
+                    HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header"
+                )
             url = urlsplit(self.path)
             handler, params = self._route(url.path)
             self.query = _parse_query(url.query)
@@ -486,8 +510,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_body(self, limit, headers):
         """Read the raw body, enforcing Content-Type, Content-Length and size."""
-        if headers.get("Transfer-Encoding"):
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
         ctype = headers.get("Content-Type", "application/json")
         media = ctype.split(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
@@ -559,6 +581,7 @@ class Handler(BaseHTTPRequestHandler):
             self.dispatch()  # an unknown method: 405 or 404, like any other
             return
         self.close_connection = True
+        self.request_version = "HTTP/1.1"  # always answer with a status line
         self.respond(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
 
     def log_message(self, format, *args):

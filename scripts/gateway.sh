@@ -19,7 +19,7 @@ ensure_node_pm2
 # only when it is missing: npm ci would wipe a node_modules that is already there.
 if [[ -f "$REPO_DIR/package-lock.json" && ! -d "$REPO_DIR/node_modules/swagger-ui-dist" ]]; then
   log "npm: installing package-lock.json into $REPO_DIR/node_modules"
-  (cd "$REPO_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  (cd "$REPO_DIR" && npm ci --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
 pm2_start_app api_gateway
 pm2_persist

@@ -21,7 +21,7 @@ apt_install vagrant-libvirt
 ensure_node_pm2
 ensure_venv dev
 log "npm: installing newman and swagger-ui-dist (package-lock.json)"
-npm ci --no-audit --no-fund --loglevel=error >/dev/null
+npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null
 
 "$REPO_DIR/scripts/up.sh" >/dev/null
 start_postgres

@@ -282,7 +282,6 @@ def test_postman_collection_passes_with_newman(gateway_url, tmp_path):
             f"gateway_url={gateway_url}",
             "--color",
             "off",
-            "--disable-unicode",
             "--reporters",
             "cli,json",
             "--reporter-json-export",

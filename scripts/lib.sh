@@ -361,11 +361,36 @@ PY
 
 # pm2_start_app NAME: start NAME from ecosystem.config.js, or reload it with
 # the current code and environment if PM2 already knows it.
+declare -A app_script=([inventory_app]=inventory.py [billing_app]=billing.py [api_gateway]=gateway.py)
+declare -A app_venv=([inventory_app]=inventory [billing_app]=billing [api_gateway]=gateway)
+
+# pm2_app_field APP FIELD: a field of APP's pm2_env in root's PM2, or nothing.
+pm2_app_field() {
+  pm2 jlist 2>/dev/null | node -e '
+    let text = "";
+    process.stdin.on("data", (d) => (text += d)).on("end", () => {
+      try {
+        const app = JSON.parse(text).find((p) => p.name === process.argv[1]);
+        console.log(app ? app.pm2_env[process.argv[2]] || "" : "");
+      } catch (e) {
+        console.log("");
+      }
+    });' "$1" "$2"
+}
+
 pm2_start_app() {
   local app="$1" args=()
   mkdir -p "$LOG_DIR"
   if [[ -n "${PM2_ENV:-}" ]]; then
     args+=(--env "$PM2_ENV")
+  fi
+  # A reload keeps the app's old paths: an app started from another checkout
+  # (or with another venv) is replaced instead.
+  if [[ "$(pm2_app_field "$app" pm_exec_path)" != "" &&
+    ("$(pm2_app_field "$app" pm_exec_path)" != "$REPO_DIR/${app_script[$app]}" ||
+    "$(pm2_app_field "$app" exec_interpreter)" != "$VENV_ROOT/${app_venv[$app]}/bin/python") ]]; then
+    log "pm2: $app runs from elsewhere, replacing it"
+    pm2 delete "$app" >/dev/null
   fi
   log "pm2: start or reload $app"
   pm2 startOrReload "$REPO_DIR/ecosystem.config.js" --only "$app" --update-env "${args[@]}" >/dev/null

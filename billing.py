@@ -34,6 +34,7 @@ BATCH_SIZE = 500  # orders per INSERT and per ack
 BATCH_WAIT = 0.05  # seconds a partial batch may wait for more messages
 MAX_BACKOFF = 5  # seconds between reconnect attempts, at most
 MAX_DB_INT = 2**31 - 1
+MAX_MESSAGE_ID = 255
 MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
 _INTEGER = re.compile(r"[0-9]{1,10}")
@@ -138,6 +139,16 @@ def parse_order(body):
     )
 
 
+def check_message_id(message_id):
+    """A message_id must be text PostgreSQL can store (or absent)."""
+    if message_id is None:
+        return
+    if not isinstance(message_id, str) or "\x00" in message_id:
+        raise InvalidOrder("message_id is not text")
+    if len(message_id) > MAX_MESSAGE_ID:
+        raise InvalidOrder(f"message_id over {MAX_MESSAGE_ID} characters")
+
+
 def _reject_constant(name):
     """Refuse NaN and Infinity, which are not JSON."""
     raise ValueError(f"{name} is not allowed")
@@ -207,21 +218,33 @@ class Consumer:
 
     def _store(self, conn, channel, batch):
         """Insert a batch, dead-letter its bad messages, then ack the rest."""
-        rows, seen = [], set()
+        rows, seen = [], set()  # rows: (delivery tag, values to insert)
         for tag, properties, body in batch:
+            message_id = properties.message_id
             try:
                 order = parse_order(body)
+                check_message_id(message_id)
             except InvalidOrder as exc:
-                log.warning("rejected message %s: %s", properties.message_id, exc)
+                log.warning("rejected message %r: %s", message_id, exc)
                 channel.basic_nack(tag, requeue=False)
                 continue
-            message_id = properties.message_id
             if message_id is not None and message_id in seen:
                 continue  # the same message twice in one batch
             seen.add(message_id)
-            rows.append((*order, message_id))
-        if rows and not self._insert(conn, rows):
-            return  # stopping while the database is down: leave all unacked
+            rows.append((tag, (*order, message_id)))
+        try:
+            if rows and not self._insert(conn, [values for _, values in rows]):
+                return  # stopping while the database is down: leave all unacked
+        except psycopg.Error as exc:
+            # Not an outage: PostgreSQL refuses some row. Find it, one by one.
+            log.warning("batch refused (%s); storing its orders one at a time", exc)
+            for tag, values in rows:
+                try:
+                    if not self._insert(conn, [values]):
+                        return
+                except psycopg.Error as exc:
+                    log.warning("rejected message %r: %s", values[3], exc)
+                    channel.basic_nack(tag, requeue=False)
         channel.basic_ack(batch[-1][0], multiple=True)
 
     def _insert(self, conn, rows):

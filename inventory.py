@@ -373,6 +373,7 @@ class Server(ThreadingHTTPServer):
             log.exception("error serving %s", client_address)
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 method syntax
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _NON_ASCII = re.compile(r"[\x80-\xff]")  # raw bytes, as http.server decoded them
 
@@ -429,7 +430,10 @@ class Handler(BaseHTTPRequestHandler):
         return ok
 
     def _check_target(self):
-        """Refuse control characters in the path; percent-encode raw non-ASCII."""
+        """Refuse odd methods and control characters; percent-encode non-ASCII."""
+        if not _TOKEN.fullmatch(self.command):
+            self.send_error(HTTPStatus.BAD_REQUEST, "invalid method")
+            return False
         if _CONTROL.search(self.path):
             self.send_error(HTTPStatus.BAD_REQUEST, "control character in the URL")
             return False

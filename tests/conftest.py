@@ -94,7 +94,7 @@ class Service:
         self.name, self.port, self.proc = name, port, None
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         LOGS.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGS / f"{name}.log"
+        self.log_path = LOGS / f"{name}-{uuid.uuid4().hex[:8]}.log"
 
     @property
     def url(self):
@@ -178,7 +178,7 @@ def gateway_env(port, inventory_port, queue):
         "GATEWAY_PORT": str(port),
         "INVENTORY_HOST": "127.0.0.1",
         "INVENTORY_PORT": str(inventory_port),
-        "INVENTORY_TIMEOUT": "3",
+        "INVENTORY_TIMEOUT": "6",  # above inventory's own 4 s database wait
     }
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -45,7 +46,7 @@ MAX_DB_INT = 2**31 - 1
 REQUEST_TIMEOUT = 10  # seconds a client has to send a whole request
 MAX_CONNECTIONS = 512  # open client connections, one thread each
 DB_WAIT = 4  # seconds to wait for a database connection before answering 503
-STREAM_CHUNK = 2000  # rows per chunk of a streamed list; smaller lists are not
+STREAM_PAGE = 2000  # movies per page of a streamed list; shorter lists are not
 
 # --- Config ---
 
@@ -83,6 +84,16 @@ def load_queries(path):
 QUERIES = load_queries(HERE / "sql" / "inventory_queries.sql")
 
 
+def _check_connection(conn):
+    """Before lending a connection, make sure the server has not closed it.
+
+    An idle connection has nothing to read unless the server sent a goodbye
+    (a restart, an idle kill); only then pay for a round trip to check it.
+    """
+    if select.select([conn.fileno()], [], [], 0)[0]:
+        ConnectionPool.check_connection(conn)
+
+
 class Database:
     """A connection pool that runs named queries and maps outages to 503."""
 
@@ -93,7 +104,7 @@ class Database:
             max_size=10,
             timeout=DB_WAIT,
             kwargs={"autocommit": True},
-            check=ConnectionPool.check_connection,
+            check=_check_connection,
             reconnect_timeout=0,  # keep trying forever while the database is down
             open=False,
         )
@@ -120,21 +131,23 @@ class Database:
         row = self.row(name, **params)
         return None if row is None else row[0]
 
-    def chunks(self, name, **params):
-        """Yield the first column of a query's rows in lists of STREAM_CHUNK.
+    def pages(self, pattern, offset, limit):
+        """Yield (JSON array text, row count) pages of up to `limit` movies.
 
-        One connection is held until the generator ends; rows come from the
-        server a chunk at a time, so memory stays flat whatever the table size.
+        Pages follow each other by id (keyset), each built by PostgreSQL, on
+        one connection held until the generator ends: memory stays flat
+        whatever the table size.
         """
+        name = "page_movies" if pattern is None else "page_movies_by_title"
+        params = {"pattern": pattern, "after": 0, "offset": offset, "limit": limit}
         try:
             with self.pool.connection() as conn:
-                chunk = []
-                for row in conn.cursor().stream(QUERIES[name], params, size=500):
-                    chunk.append(row[0])
-                    if len(chunk) == STREAM_CHUNK:
-                        yield chunk
-                        chunk = []
-                yield chunk
+                while True:
+                    text, count, last = conn.execute(QUERIES[name], params).fetchone()
+                    yield text, count
+                    if count < limit:
+                        return
+                    params.update(after=last, offset=0)
         except psycopg.OperationalError as exc:
             log.warning("database unavailable: %s", exc)
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
@@ -232,23 +245,20 @@ def list_movies(req):
         pattern = like_pattern(check_text(title, "title", MAX_TITLE, required=False))
     limit = parse_count(req.query, "limit", 1, MAX_LIMIT)
     offset = parse_count(req.query, "offset", 0, MAX_DB_INT) or 0
-    if limit is not None:
-        body = req.db.one("list_movies", pattern=pattern, limit=limit, offset=offset)
-        return HTTPStatus.OK, body
-    chunks = req.db.chunks("stream_movies", pattern=pattern, offset=offset)
-    first = next(chunks)
-    if len(first) < STREAM_CHUNK:
-        chunks.close()
-        return HTTPStatus.OK, "[" + ",".join(first) + "]"
-    return HTTPStatus.OK, _json_array(first, chunks)
+    pages = req.db.pages(pattern, offset, limit or STREAM_PAGE)
+    text, count = next(pages)
+    if limit is not None or count < STREAM_PAGE:
+        pages.close()
+        return HTTPStatus.OK, text
+    return HTTPStatus.OK, _json_array(text, pages)
 
 
 def _json_array(first, rest):
-    """Yield the pieces of a JSON array from chunks of JSON texts."""
-    yield "[" + ",".join(first)
-    for chunk in rest:
-        if chunk:
-            yield "," + ",".join(chunk)
+    """Yield the pieces of one JSON array made of JSON-array pages."""
+    yield first[:-1]
+    for text, count in rest:
+        if count:
+            yield "," + text[1:-1]
     yield "]"
 
 
@@ -556,9 +566,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
+        # Headers and body in one write: one syscall, one packet.
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self._headers_buffer.append(body)
+        self.flush_headers()
 
     def _respond_chunked(self, status, pieces):
         """Stream a response of unknown length with chunked transfer encoding."""

@@ -1,25 +1,25 @@
--- Named queries of inventory.py. Each returns JSON text built by PostgreSQL,
--- so the service never decodes and re-encodes rows.
+-- Named queries of inventory.py. Movies come back as JSON text built by
+-- PostgreSQL, so the service never decodes and re-encodes rows.
 
--- name: list_movies
--- One page of movies (or of those whose title contains the escaped pattern),
--- ordered by id, as a JSON array.
-SELECT coalesce(json_agg(m ORDER BY m.id), '[]')::text
+-- name: page_movies
+-- Up to %(limit)s movies with id > %(after)s (after skipping %(offset)s), as one
+-- JSON array, with the row count and the last id (where the next page starts).
+SELECT coalesce(json_agg(m ORDER BY m.id), '[]')::text, count(*), max(m.id)
 FROM (
     SELECT id, title, description FROM movies
-    WHERE %(pattern)s::text IS NULL OR title ILIKE %(pattern)s
+    WHERE id > %(after)s
     ORDER BY id
     LIMIT %(limit)s OFFSET %(offset)s
 ) AS m;
 
--- name: stream_movies
--- The same rows one JSON object each, for streaming a list of any size.
-SELECT row_to_json(m)::text
+-- name: page_movies_by_title
+-- The same, for titles matching an ILIKE pattern (served by the trigram index).
+SELECT coalesce(json_agg(m ORDER BY m.id), '[]')::text, count(*), max(m.id)
 FROM (
     SELECT id, title, description FROM movies
-    WHERE %(pattern)s::text IS NULL OR title ILIKE %(pattern)s
+    WHERE id > %(after)s AND title ILIKE %(pattern)s
     ORDER BY id
-    OFFSET %(offset)s
+    LIMIT %(limit)s OFFSET %(offset)s
 ) AS m;
 
 -- name: get_movie

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_queries_load_by_name():
     assert set(inventory.QUERIES) == {
-        "list_movies",
-        "stream_movies",
+        "page_movies",
+        "page_movies_by_title",
         "get_movie",
         "insert_movie",
         "update_movie",

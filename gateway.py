@@ -69,6 +69,7 @@ DROP_FROM_UPSTREAM = HOP_BY_HOP | {"server", "date"}
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
 _INTEGER = re.compile(r"[0-9]{1,10}")
 _AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
+_CONTROL_IN_VALUE = re.compile(r"[\r\n\x00]")  # never forwarded raw
 _ASSET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 DOCS_PAGE = """<!doctype html>
@@ -220,15 +221,13 @@ class Upstream:
 
     def _connect(self):
         """Open a new connection; raise ApiError 502 when inventory is down."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
-            conn.connect()
+            sock = socket.create_connection((self.host, self.port), self.timeout)
         except OSError as exc:
-            conn.close()
             log.warning("inventory unreachable: %s", exc)
             raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory unreachable") from None
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _Link(sock)
 
     def _take(self):
         """Reuse the most recent idle connection, or None."""
@@ -258,47 +257,103 @@ class Upstream:
             raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory failed") from None
 
     def _exchange(self, conn, method, path, body, headers):
-        """Send on conn and read the whole answer; keep conn if reusable."""
+        """Send on conn in one write and read the whole answer; keep conn if reusable."""
+        head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        for name, value in headers.items():
+            if _CONTROL_IN_VALUE.search(value):
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"cannot forward header {name}")
+            head.append(f"{name}: {value}")
+        if body is not None:
+            head.append(f"Content-Length: {len(body)}")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
         try:
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            if resp.chunked:
-                return resp.status, resp.getheaders(), self._relay(conn, resp)
-            data = resp.read()
+            conn.sock.sendall(data)
+            line = conn.rfile.readline(65537)
+            if not line:
+                raise http.client.RemoteDisconnected("no status line")
+            status = int(line.split(None, 2)[1])
+            pairs, length, chunked, close = [], None, False, False
+            while True:
+                line = conn.rfile.readline(65537)
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = line.decode("latin-1").partition(":")
+                name, value = name.strip(), value.strip()
+                pairs.append((name, value))
+                lower = name.lower()
+                if lower == "content-length":
+                    length = int(value)
+                elif lower == "transfer-encoding":
+                    chunked = "chunked" in value.lower()
+                elif lower == "connection":
+                    close = "close" in value.lower()
+            if chunked:
+                return status, pairs, self._relay(conn, close)
+            if method == "HEAD" or status in (204, 304):
+                data = b""
+            elif length is None:
+                data, close = conn.rfile.read(), True
+            else:
+                data = conn.rfile.read(length)
+                if len(data) < length:
+                    raise http.client.IncompleteRead(data, length - len(data))
         except TimeoutError:
             conn.close()
             raise ApiError(HTTPStatus.GATEWAY_TIMEOUT, "inventory timed out") from None
         except (http.client.RemoteDisconnected, ConnectionError):
             raise
-        except ValueError as exc:  # http.client refuses to send it
-            conn.close()
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"cannot forward: {exc}") from None
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, ValueError, IndexError, http.client.HTTPException) as exc:
             conn.close()
             log.warning("inventory failed: %s", exc)
             raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory failed") from None
-        self._release(conn, resp)
-        return resp.status, resp.getheaders(), data
+        self._release(conn, close)
+        return status, pairs, data
 
-    def _release(self, conn, resp):
+    def _release(self, conn, close):
         """Keep conn for the next request unless the server is closing it."""
-        if resp.will_close:
+        if close:
             conn.close()
         else:
             self._idle.append((conn, time.monotonic()))
 
-    def _relay(self, conn, resp):
-        """Yield a streamed (chunked) answer piece by piece, then release conn."""
+    def _relay(self, conn, close):
+        """Yield a chunked answer's chunks as they come, then release conn."""
         complete = False
         try:
-            while data := resp.read1(RELAY_PIECE):
+            while True:
+                line = conn.rfile.readline(65537)
+                try:
+                    size = int(line.split(b";")[0], 16)
+                except ValueError:
+                    raise http.client.IncompleteRead(b"") from None
+                if size == 0:
+                    while conn.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    break
+                data = conn.rfile.read(size)
+                conn.rfile.readline(65537)
+                if len(data) < size:
+                    raise http.client.IncompleteRead(data, size - len(data))
                 yield data
             complete = True
         finally:
             if complete:
-                self._release(conn, resp)
+                self._release(conn, close)
             else:
                 conn.close()
+
+
+class _Link:
+    """One keep-alive socket to inventory with a buffered reader."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.rfile = sock.makefile("rb")
+
+    def close(self):
+        """Close the reader and the socket."""
+        self.rfile.close()
+        self.sock.close()
 
 
 # --- RabbitMQ publisher ---

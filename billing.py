@@ -264,15 +264,9 @@ class Consumer:
                             "message_ids": [r[3] for r in rows],
                         },
                     ).fetchall()
-                for order_id, user_id, items, amount, message_id in stored:
-                    log.info(
-                        "stored order %s: user %s, %s items, %s (message %s)",
-                        order_id,
-                        user_id,
-                        items,
-                        amount,
-                        message_id,
-                    )
+                if stored and log.isEnabledFor(logging.INFO):
+                    # One line per order, written in one call per batch.
+                    log.info("\n".join(map(_describe, stored)))
                 return True
             except psycopg.OperationalError as exc:
                 log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
@@ -292,6 +286,12 @@ class Consumer:
             else:
                 conn.sleep(0.1)
         return not self.stopping
+
+
+def _describe(row):
+    """One log line for a stored order."""
+    order_id, user_id, items, amount, message_id = row
+    return f"stored order {order_id}: user {user_id}, {items} items, {amount} ({message_id})"
 
 
 # --- Main ---

@@ -101,7 +101,7 @@ class Database:
         self.pool = ConnectionPool(
             conninfo,
             min_size=2,
-            max_size=10,
+            max_size=4,  # enough to keep PostgreSQL busy; more only costs memory
             timeout=DB_WAIT,
             kwargs={"autocommit": True},
             check=_check_connection,

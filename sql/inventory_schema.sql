@@ -7,6 +7,9 @@ CREATE TABLE IF NOT EXISTS movies (
     description text NOT NULL DEFAULT ''
 );
 
--- Serves ILIKE '%x%' title searches without a sequential scan.
+-- Serves ILIKE '%x%' title searches without a sequential scan. No fast-update
+-- pending list: searches would scan it (1.4 ms instead of 0.02 ms once a few
+-- thousand movies were added), and movies are read far more than written.
 CREATE INDEX IF NOT EXISTS movies_title_trgm
-    ON movies USING gin (title gin_trgm_ops);
+    ON movies USING gin (title gin_trgm_ops) WITH (fastupdate = off);
+ALTER INDEX movies_title_trgm SET (fastupdate = off);

@@ -261,3 +261,20 @@ def test_scripts_pass_shellcheck():
     assert scripts
     proc = run("shellcheck", *scripts)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bring_up_again_changes_nothing(stack):
+    """./scripts/up.sh a second time: same data, apps online, health 200."""
+    movies = sql(MOVIES_DB, "SELECT count(*), coalesce(max(id), 0) FROM movies")
+    orders = sql(BILLING_DB, "SELECT count(*), coalesce(max(id), 0) FROM orders")
+    proc = run(str(ROOT / "scripts" / "up.sh"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sql(MOVIES_DB, "SELECT count(*), coalesce(max(id), 0) FROM movies") == movies
+    assert (
+        sql(BILLING_DB, "SELECT count(*), coalesce(max(id), 0) FROM orders") == orders
+    )
+    assert all(pm2_status().get(app) == "online" for app in APPS)
+    assert request("GET", "/health") == (
+        200,
+        {"status": "ok", "inventory": "ok", "rabbitmq": "ok"},
+    )

@@ -2,7 +2,6 @@
 
 import json
 import signal
-import subprocess
 import time
 import uuid
 from decimal import Decimal
@@ -13,6 +12,7 @@ from conftest import admin_connect
 from conftest import billing_env
 from conftest import call
 from conftest import delete_queues
+from conftest import pg
 from conftest import publish_raw
 from conftest import queue_depth
 from conftest import rabbit_channel
@@ -148,15 +148,6 @@ def test_kill_9_mid_backlog_loses_and_duplicates_nothing(billing, queue):
         (total,)
     ]
     print(f"killed with {stored_at_kill} of {total} stored; {total} rows after restart")
-
-
-def pg(action):
-    version = subprocess.check_output(["ls", "/etc/postgresql"], text=True).split()[0]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        check=True,
-        capture_output=True,
-    )
 
 
 def test_database_outage_mid_stream_loses_nothing(billing, queue):

@@ -29,7 +29,6 @@ import urllib.parse
 import uuid
 
 import pika
-import psycopg
 import pytest
 from conftest import ENV
 from conftest import Service
@@ -40,8 +39,10 @@ from conftest import delete_queues
 from conftest import free_port
 from conftest import gateway_env
 from conftest import inventory_env
+from conftest import pg
 from conftest import publish_raw
 from conftest import queue_depth
+from conftest import rabbit
 from conftest import rabbit_channel
 from conftest import rows
 from conftest import wait_for
@@ -80,59 +81,6 @@ def stored_users(low, high):
         (low, high),
     )
     return dict(found)
-
-
-def pg_online():
-    """Whether the machine's PostgreSQL cluster is running."""
-    out = subprocess.run(
-        ["pg_lsclusters", "-h"], check=False, capture_output=True, text=True
-    )
-    return " online " in f" {out.stdout} "
-
-
-def pg(action):
-    """Stop or start PostgreSQL; a start waits until it accepts connections."""
-    version = subprocess.check_output(["ls", "/etc/postgresql"], text=True).split()[0]
-    done = subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    # "already running" / "not running" is fine: the state is what we asked for
-    assert done.returncode == 0 or pg_online() == (action == "start"), done.stderr
-    if action == "start":
-        wait_for(_pg_accepts, timeout=30, what="PostgreSQL to accept connections")
-
-
-def _pg_accepts():
-    try:
-        psycopg.connect(dbname="postgres", user="postgres", connect_timeout=2).close()
-        return True
-    except psycopg.OperationalError:
-        return False
-
-
-def rabbit(action):
-    """stop_app or start_app RabbitMQ; a start waits until it takes connections."""
-    subprocess.run(["rabbitmqctl", "-q", action], check=True, capture_output=True)
-    if action == "start_app":
-        wait_for(_rabbit_accepts, timeout=30, what="RabbitMQ to accept connections")
-
-
-def _rabbit_accepts():
-    params = pika.ConnectionParameters(
-        "127.0.0.1",
-        5672,
-        credentials=pika.PlainCredentials("guest", "guest"),
-        connection_attempts=1,
-        socket_timeout=2,
-    )
-    try:
-        pika.BlockingConnection(params).close()
-        return True
-    except pika.exceptions.AMQPError:
-        return False
 
 
 def publish_fast(queue, bodies, message_ids):

@@ -17,6 +17,7 @@ from conftest import free_port
 from conftest import gateway_env
 from conftest import inventory_env
 from conftest import queue_depth
+from conftest import rabbit
 from conftest import rabbit_channel
 from conftest import wait_for
 
@@ -295,10 +296,6 @@ def test_concurrent_orders_each_confirmed_once(gateway, empty_queue):
     assert len(messages) == 500
     assert sorted(json.loads(b)["user_id"] for _, b in messages) == list(range(1, 501))
     assert len({p.message_id for p, _ in messages}) == 500
-
-
-def rabbit(action):
-    subprocess.run(["rabbitmqctl", "-q", action], check=True, capture_output=True)
 
 
 def test_rabbitmq_down_is_503_then_recovers(gateway, empty_queue):

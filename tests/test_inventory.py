@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import socket
-import subprocess
 import time
 
 import pytest
@@ -11,6 +10,7 @@ from conftest import admin_connect
 from conftest import call
 from conftest import free_port
 from conftest import inventory_env
+from conftest import pg
 from conftest import rows
 from conftest import wait_for
 
@@ -298,16 +298,6 @@ def test_database_unreachable_is_503_fast(movies_db):
         assert time.monotonic() - start < 5
     finally:
         service.stop()
-
-
-def pg(action):
-    """Stop or start the machine's PostgreSQL cluster."""
-    version = subprocess.check_output(["ls", "/etc/postgresql"], text=True).split()[0]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        check=True,
-        capture_output=True,
-    )
 
 
 def test_recovers_after_database_restart(inventory, clean_movies):

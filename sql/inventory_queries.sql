@@ -13,7 +13,8 @@ FROM (
 ) AS m;
 
 -- name: page_movies_by_title
--- The same, for titles matching an ILIKE pattern (served by the trigram index).
+-- The same, for titles matching an ILIKE pattern (served by the trigram index;
+-- run unprepared, see Database.pages).
 SELECT coalesce(json_agg(m ORDER BY m.id), '[]')::text, count(*), max(m.id)
 FROM (
     SELECT id, title, description FROM movies

@@ -50,7 +50,6 @@ MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
 REQUEST_TIMEOUT = 10  # seconds a client has to send a whole request
 MAX_CONNECTIONS = 512  # open client connections, one thread each
 PUBLISH_TIMEOUT = 4  # seconds to wait for RabbitMQ's confirm before 503
-RELAY_PIECE = 64 * 1024  # bytes per piece of a streamed answer
 UPSTREAM_IDLE = 4  # seconds an idle upstream connection is kept (inventory: 10)
 HOP_BY_HOP = {
     "connection",

@@ -160,9 +160,14 @@ def ensure_database(name, owner, password, schema):
         ).fetchone():
             conn.execute(f'CREATE ROLE "{owner}" LOGIN')
         conn.execute(f"ALTER ROLE \"{owner}\" PASSWORD '{password}'")
-        if not conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
-        ).fetchone():
+        row = conn.execute(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
+            (name,),
+        ).fetchone()
+        if row and row[0] != owner:  # left by an older run: bench data is disposable
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            row = None
+        if not row:
             conn.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
     with admin_connect(name) as conn:
         conn.execute(f'SET ROLE "{owner}"')
@@ -337,19 +342,23 @@ def insert_floor(dbname, schema_sql, rows_total, batch=BILLING_BATCH):
 class OwnStack:
     """Three services on free ports against bench_movies, bench_billing, bench_queue."""
 
-    ROLE, PASSWORD = "bench_user", "bench_pass_3Lw8"
-
     def __init__(
         self, movies_db="bench_movies", billing_db="bench_billing", queue="bench_queue"
     ):
         self.movies_db, self.billing_db, self.queue = movies_db, billing_db, queue
+        # The services' own roles and RabbitMQ user, from .env (./scripts/up.sh
+        # creates the RabbitMQ user); the bench databases are owned by them.
+        env = {**read_env_file(REPO / ".env"), **os.environ}
+        self.role = env["INVENTORY_DB_USER"], env["INVENTORY_DB_PASSWORD"]
+        self.billing_role = env["BILLING_DB_USER"], env["BILLING_DB_PASSWORD"]
+        self.mq_user = env["RABBITMQ_USER"], env["RABBITMQ_PASSWORD"]
         self.ports = {"inventory": free_port(), "gateway": free_port()}
         self.gateway_url = f"http://127.0.0.1:{self.ports['gateway']}"
         self.inventory_url = f"http://127.0.0.1:{self.ports['inventory']}"
         self.amqp = pika.ConnectionParameters(
             "127.0.0.1",
             5672,
-            credentials=pika.PlainCredentials("guest", "guest"),
+            credentials=pika.PlainCredentials(*self.mq_user),
             heartbeat=60,
             connection_attempts=10,
             retry_delay=1,
@@ -368,18 +377,18 @@ class OwnStack:
             INVENTORY_DB_HOST="127.0.0.1",
             INVENTORY_DB_PORT="5432",
             INVENTORY_DB_NAME=self.movies_db,
-            INVENTORY_DB_USER=self.ROLE,
-            INVENTORY_DB_PASSWORD=self.PASSWORD,
+            INVENTORY_DB_USER=self.role[0],
+            INVENTORY_DB_PASSWORD=self.role[1],
             BILLING_HOST="127.0.0.1",
             BILLING_DB_HOST="127.0.0.1",
             BILLING_DB_PORT="5432",
             BILLING_DB_NAME=self.billing_db,
-            BILLING_DB_USER=self.ROLE,
-            BILLING_DB_PASSWORD=self.PASSWORD,
+            BILLING_DB_USER=self.billing_role[0],
+            BILLING_DB_PASSWORD=self.billing_role[1],
             RABBITMQ_HOST="127.0.0.1",
             RABBITMQ_PORT="5672",
-            RABBITMQ_USER="guest",
-            RABBITMQ_PASSWORD="guest",
+            RABBITMQ_USER=self.mq_user[0],
+            RABBITMQ_PASSWORD=self.mq_user[1],
             RABBITMQ_QUEUE=self.queue,
             PYTHONUNBUFFERED="1",  # as PM2 runs them (ecosystem.config.js)
             MALLOC_ARENA_MAX="2",
@@ -388,16 +397,10 @@ class OwnStack:
 
     def prepare(self):
         ensure_database(
-            self.movies_db,
-            self.ROLE,
-            self.PASSWORD,
-            REPO / "sql" / "inventory_schema.sql",
+            self.movies_db, *self.role, REPO / "sql" / "inventory_schema.sql"
         )
         ensure_database(
-            self.billing_db,
-            self.ROLE,
-            self.PASSWORD,
-            REPO / "sql" / "billing_schema.sql",
+            self.billing_db, *self.billing_role, REPO / "sql" / "billing_schema.sql"
         )
 
     def start(self, service):
@@ -791,9 +794,7 @@ def scale(args):
         movies_db="bench_scale", billing_db="bench_billing", queue="bench_queue"
     )
     stack.prepare()
-    ensure_database(
-        "bench_scale", stack.ROLE, stack.PASSWORD, REPO / "sql" / "inventory_schema.sql"
-    )
+    ensure_database("bench_scale", *stack.role, REPO / "sql" / "inventory_schema.sql")
     out = {}
     try:
         for rows in args.scale_rows:

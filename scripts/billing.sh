@@ -17,6 +17,7 @@ ensure_database "$BILLING_DB_USER" "$BILLING_DB_PASSWORD" "$BILLING_DB_NAME" \
   "$REPO_DIR/sql/billing_schema.sql" "$BILLING_DB_PORT"
 ensure_rabbitmq
 ensure_rabbitmq_user "$RABBITMQ_USER" "$RABBITMQ_PASSWORD"
+apt_install libpq5  # billing.py runs psycopg over the system libpq
 ensure_venv billing
 declare_billing_queues
 ensure_node_pm2

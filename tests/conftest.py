@@ -140,6 +140,12 @@ class Service:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def mapped_files(pid):
+    """The files a process has mapped, from /proc/<pid>/maps."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return {line.split()[-1] for line in maps if "/" in line}
+
+
 def inventory_env(port):
     """Settings for a test inventory on port, using movies_test."""
     return {

@@ -12,6 +12,7 @@ from conftest import admin_connect
 from conftest import billing_env
 from conftest import call
 from conftest import delete_queues
+from conftest import mapped_files
 from conftest import pg
 from conftest import publish_raw
 from conftest import queue_depth
@@ -130,6 +131,29 @@ def test_same_message_id_is_stored_once(billing, queue):
         ("dup",),
         ("other",),
     ]
+
+
+def test_each_stored_order_is_logged_on_its_own_line(billing, queue):
+    publish_raw(queue, [order(5), order(6)], ['line\nbreak "quoted"', None])
+    billing.start()
+    wait_for(lambda: count_orders() == 2, what="2 orders")
+    wait_for(lambda: "message_id null" in billing.tail(), what="the second order's log")
+    lines = [line for line in billing.tail().splitlines() if "stored order" in line]
+    assert lines[0].endswith(
+        'stored order 1: user 5, 1 items, 9.99, message_id "line\\nbreak \\"quoted\\""'
+    )
+    assert lines[1].endswith("stored order 2: user 6, 1 items, 9.99, message_id null")
+
+
+def test_billing_loads_one_openssl(billing, queue):
+    # pika needs Python's ssl; psycopg must share its OpenSSL (system libpq)
+    # rather than bring psycopg-binary's second copy (see BENCHMARKS.md).
+    publish_raw(queue, [order(1)], ["one"])
+    billing.start()
+    wait_for(lambda: count_orders() == 1, what="the order")
+    files = mapped_files(billing.proc.pid)
+    assert len([f for f in files if "/libcrypto" in f]) == 1, files
+    assert not any("psycopg_binary" in f for f in files)
 
 
 def test_kill_9_mid_backlog_loses_and_duplicates_nothing(billing, queue):

@@ -10,6 +10,7 @@ from conftest import admin_connect
 from conftest import call
 from conftest import free_port
 from conftest import inventory_env
+from conftest import mapped_files
 from conftest import pg
 from conftest import rows
 from conftest import wait_for
@@ -53,6 +54,14 @@ def test_create_and_get(inventory, clean_movies):
     assert rows(clean_movies, "SELECT title, description FROM movies") == [
         ("A new movie", "Very short description")
     ]
+
+
+def test_inventory_loads_one_openssl(inventory, clean_movies):
+    # Python's ssl is kept out: libpq's OpenSSL is the only one (BENCHMARKS.md).
+    create(inventory.url, "t")  # the pool has logged in
+    files = mapped_files(inventory.proc.pid)
+    assert len([f for f in files if "/libcrypto" in f]) == 1, files
+    assert not any("/_ssl." in f for f in files)
 
 
 def test_description_defaults_to_empty(inventory, clean_movies):

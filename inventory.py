@@ -102,6 +102,18 @@ def _check_connection(conn):
         ConnectionPool.check_connection(conn)
 
 
+class _JsonBytes(psycopg.adapt.Loader):
+    """Text results as their UTF-8 bytes: every text column here is a JSON body
+    built by PostgreSQL, sent on without decoding and encoding it again."""
+
+    def load(self, data):
+        return bytes(data)
+
+
+def _configure(conn):
+    conn.adapters.register_loader("text", _JsonBytes)
+
+
 class Database:
     """A connection pool that runs named queries and maps outages to 503."""
 
@@ -113,6 +125,7 @@ class Database:
             timeout=DB_WAIT,
             kwargs={"autocommit": True},
             check=_check_connection,
+            configure=_configure,
             reconnect_timeout=0,  # keep trying forever while the database is down
             open=False,
         )
@@ -140,7 +153,7 @@ class Database:
         return None if row is None else row[0]
 
     def pages(self, pattern, offset, limit):
-        """Yield (JSON array text, row count) pages of up to `limit` movies.
+        """Yield (JSON array bytes, row count) pages of up to `limit` movies.
 
         Pages follow each other by id (keyset), each built by PostgreSQL, on
         one connection held until the generator ends: memory stays flat
@@ -271,8 +284,8 @@ def _json_array(first, rest):
     yield first[:-1]
     for text, count in rest:
         if count:
-            yield "," + text[1:-1]
-    yield "]"
+            yield b"," + text[1:-1]
+    yield b"]"
 
 
 def create_movie(req):
@@ -568,8 +581,8 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(payload, types.GeneratorType):
             self._respond_chunked(status, payload)
             return
-        if isinstance(payload, str):
-            body = payload.encode()
+        if isinstance(payload, bytes):
+            body = payload
         else:
             body = json.dumps(payload).encode()
         self.send_response(status)
@@ -593,8 +606,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         try:
             for piece in pieces:
-                data = piece.encode()
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
         except (OSError, ApiError) as exc:
             # Too late for an error status: cut the connection so the client
             # sees a truncated body rather than a complete-looking one.

@@ -873,8 +873,8 @@ def seed_scale(dbname, rows):
 def search_plan(dbname):
     """The plan of inventory's search query with the pattern bound (custom plan)."""
     queries = (REPO / "sql" / "inventory_queries.sql").read_text()
-    # Without ?limit= inventory uses its paging or streaming query if it has one.
-    for name in ("page_movies", "stream_movies", "list_movies"):
+    # The title search's own query if there is one, else the list query.
+    for name in ("page_movies_by_title", "page_movies", "stream_movies"):
         if f"-- name: {name}" in queries:
             break
     sql = queries.split(f"-- name: {name}", 1)[1].split("-- name:", 1)[0]

@@ -70,6 +70,7 @@ _INTEGER = re.compile(r"[0-9]{1,10}")
 _AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
 _CONTROL_IN_VALUE = re.compile(r"[\r\n\x00]")  # never forwarded raw
 _ASSET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # visible ASCII
 
 DOCS_PAGE = """<!doctype html>
 <html lang="en">
@@ -178,16 +179,27 @@ def check_amount(value, field):
 
 
 def validate_order(data):
-    """Check an order object: exactly the three fields, each valid."""
+    """Check an order object: exactly the three fields, each valid; its user_id."""
     unknown = sorted(set(data) - set(ORDER_FIELDS))
     if unknown:
         raise _bad(f"unknown field '{unknown[0]}'")
     for field in ORDER_FIELDS:
         if field not in data:
             raise _bad(f"'{field}' is required")
-    check_positive_int(data["user_id"], "user_id")
+    user_id = check_positive_int(data["user_id"], "user_id")
     check_positive_int(data["number_of_items"], "number_of_items")
     check_amount(data["total_amount"], "total_amount")
+    return user_id
+
+
+def idempotency_key(headers):
+    """The request's Idempotency-Key header (or None); 400 if malformed."""
+    keys = headers.get_all("Idempotency-Key") or []
+    if len(keys) > 1:
+        raise _bad("send one Idempotency-Key header, not several")
+    if keys and not _IDEMPOTENCY_KEY.fullmatch(keys[0]):
+        raise _bad("Idempotency-Key must be 1 to 200 visible ASCII characters")
+    return keys[0] if keys else None
 
 
 def decode_object(body, what):
@@ -378,14 +390,16 @@ class Publisher:
         """Connect in a background thread, reconnecting forever."""
         threading.Thread(target=self._run, name="publisher", daemon=True).start()
 
-    def publish(self, body):
+    def publish(self, body, message_id):
         """Publish body and wait for the confirm; ApiError 503 if it fails."""
         future = concurrent.futures.Future()
         conn = self._conn
         if conn is None or not self.ready.is_set():
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "message broker unavailable")
         try:
-            conn.ioloop.add_callback_threadsafe(lambda: self._send(body, future))
+            conn.ioloop.add_callback_threadsafe(
+                lambda: self._send(body, message_id, future)
+            )
             future.result(timeout=PUBLISH_TIMEOUT)
         except concurrent.futures.TimeoutError:
             raise ApiError(
@@ -465,12 +479,11 @@ class Publisher:
         if self._conn is not None and self._conn.is_open:
             self._conn.close()
 
-    def _send(self, body, future):
+    def _send(self, body, message_id, future):
         """Publish one message (runs in the ioloop thread)."""
         if self._channel is None:
             future.set_exception(ConnectionError("not connected"))
             return
-        message_id = uuid.uuid4().hex
         properties = pika.BasicProperties(
             content_type="application/json",
             delivery_mode=2,
@@ -538,8 +551,12 @@ def proxy_movies(req):
 def post_billing(req):
     """POST /api/billing: validate the order and publish it with a confirm."""
     body = req.read_body(MAX_ORDER_BODY, json_only=True)
-    validate_order(decode_object(body, "request body"))
-    req.server.publisher.publish(body)
+    user_id = validate_order(decode_object(body, "request body"))
+    key = idempotency_key(req.headers)
+    # billing stores each message_id once: a retry with the same key (of the
+    # same user) is a no-op, even if the first attempt's answer was lost.
+    message_id = uuid.uuid4().hex if key is None else f"key:{user_id}:{key}"
+    req.server.publisher.publish(body, message_id)
     return HTTPStatus.OK, {"message": "Message posted"}
 
 

@@ -1,6 +1,7 @@
 """Gateway against the real inventory and the real RabbitMQ."""
 
 import concurrent.futures
+import http.client
 import json
 import socket
 import subprocess
@@ -194,6 +195,45 @@ def test_billing_publishes_confirmed_persistent_message(gateway, empty_queue):
         assert properties.content_type == "application/json"
         assert properties.timestamp and abs(properties.timestamp - time.time()) < 60
     assert len({p.message_id for p, _ in messages}) == 2
+
+
+def test_billing_idempotency_key_becomes_the_message_id(gateway, empty_queue):
+    key = "3f0c2a9e-6d7b-4c1e-9a55-0b8e1d2f4a61"
+    for order in (ORDER, ORDER, {**ORDER, "user_id": 77}):
+        status, _, body = call(
+            gateway.url, "POST", "/api/billing", order, {"Idempotency-Key": key}
+        )
+        assert status == 200, body
+    ids = [p.message_id for p, _ in drain(empty_queue)]
+    assert ids == [f"key:20:{key}", f"key:20:{key}", f"key:77:{key}"]
+
+
+@pytest.mark.parametrize("key", ["", "has space", "x" * 201, "caf\xe9", "tab\tkey"])
+def test_billing_malformed_idempotency_key_is_400(gateway, empty_queue, key):
+    status, _, body = call(
+        gateway.url, "POST", "/api/billing", ORDER, {"Idempotency-Key": key}
+    )
+    assert status == 400 and "Idempotency-Key" in body["error"]
+    assert queue_depth(empty_queue) == 0
+
+
+def test_billing_two_idempotency_keys_are_400(gateway, empty_queue):
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=15)
+    raw = json.dumps(ORDER).encode()
+    conn.putrequest("POST", "/api/billing")
+    for name, value in (
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(raw))),
+        ("Idempotency-Key", "a"),
+        ("Idempotency-Key", "b"),
+    ):
+        conn.putheader(name, value)
+    conn.endheaders(raw)
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 400 and "one Idempotency-Key" in body["error"]
+    assert queue_depth(empty_queue) == 0
 
 
 def test_billing_body_is_forwarded_verbatim(gateway, empty_queue):

@@ -211,51 +211,47 @@ def test_sigterm_exits_cleanly(billing, queue):
     assert "billing stopped" in billing.tail()
 
 
-def test_end_to_end_through_gateway(gateway, queue_name, billing_db):
+@pytest.fixture
+def consumer(gateway, queue_name, billing_db):
+    """A billing consumer behind the session's gateway, on empty orders."""
     with admin_connect(billing_db) as conn:
         conn.execute("TRUNCATE orders RESTART IDENTITY")
     conn, channel = rabbit_channel()
     channel.queue_purge(queue_name)  # left over by other tests
     conn.close()
-    consumer = Service("billing", billing_env(queue_name)).start()
-    try:
-        for user in (20, 22):
-            body = {
-                "user_id": str(user),
-                "number_of_items": "99",
-                "total_amount": "250",
-            }
-            assert call(gateway.url, "POST", "/api/billing/", body)[0] == 200
-        wait_for(lambda: count_orders() == 2, what="both orders")
-        assert rows(
-            "billing_test", "SELECT user_id, total_amount FROM orders ORDER BY user_id"
-        ) == [(20, Decimal("250.00")), (22, Decimal("250.00"))]
-    finally:
-        assert consumer.stop() == 0
+    service = Service("billing", billing_env(queue_name)).start()
+    yield service
+    assert service.stop() == 0
+
+
+def test_end_to_end_through_gateway(gateway, consumer):
+    for user in (20, 22):
+        body = {
+            "user_id": str(user),
+            "number_of_items": "99",
+            "total_amount": "250",
+        }
+        assert call(gateway.url, "POST", "/api/billing/", body)[0] == 200
+    wait_for(lambda: count_orders() == 2, what="both orders")
+    assert rows(
+        "billing_test", "SELECT user_id, total_amount FROM orders ORDER BY user_id"
+    ) == [(20, Decimal("250.00")), (22, Decimal("250.00"))]
 
 
 def test_retries_with_one_idempotency_key_are_stored_once(
-    gateway, queue_name, billing_db
+    gateway, queue_name, consumer
 ):
-    with admin_connect(billing_db) as conn:
-        conn.execute("TRUNCATE orders RESTART IDENTITY")
-    conn, channel = rabbit_channel()
-    channel.queue_purge(queue_name)  # left over by other tests
-    conn.close()
-    consumer = Service("billing", billing_env(queue_name)).start()
-    try:
-        attempts = [(20, "k1"), (20, "k1"), (20, "k1"), (21, "k1"), (20, "k2")]
-        for user, key in attempts:
-            body = {"user_id": user, "number_of_items": 1, "total_amount": "5"}
-            headers = {"Idempotency-Key": key}
-            assert call(gateway.url, "POST", "/api/billing", body, headers)[0] == 200
-        assert call(gateway.url, "POST", "/api/billing", body)[0] == 200  # no key
-        wait_for(lambda: queue_depth(queue_name) == 0, what="the queue to empty")
-        wait_for(lambda: count_orders() == 4, what="4 orders")
-        time.sleep(0.5)  # nothing more arrives
-        assert rows(
-            "billing_test", "SELECT user_id, message_id FROM orders ORDER BY id"
-        )[:3] == [(20, "key:20:k1"), (21, "key:21:k1"), (20, "key:20:k2")]
-        assert count_orders() == 4
-    finally:
-        assert consumer.stop() == 0
+    attempts = [(20, "k1"), (20, "k1"), (20, "k1"), (21, "k1"), (20, "k2")]
+    for user, key in attempts:
+        body = {"user_id": user, "number_of_items": 1, "total_amount": "5"}
+        headers = {"Idempotency-Key": key}
+        assert call(gateway.url, "POST", "/api/billing", body, headers)[0] == 200
+    assert call(gateway.url, "POST", "/api/billing", body)[0] == 200  # no key
+    wait_for(lambda: queue_depth(queue_name) == 0, what="the queue to empty")
+    wait_for(lambda: count_orders() == 4, what="4 orders")
+    time.sleep(0.5)  # nothing more arrives
+    stored = rows("billing_test", "SELECT user_id, message_id FROM orders ORDER BY id")
+    assert stored[:3] == [(20, "key:20:k1"), (21, "key:21:k1"), (20, "key:20:k2")]
+    assert (
+        len(stored) == 4 and stored[3][1] != "key:20:k2"
+    )  # the order sent without a key

@@ -383,7 +383,9 @@ class Publisher:
         self._conn = None
         self._channel = None
         self._pending = {}  # delivery tag -> (future, message id)
-        self._returned = set()  # message ids RabbitMQ could not route
+        # Message ids RabbitMQ could not route, counted: two publishes of one
+        # Idempotency-Key share a message id.
+        self._returned = collections.Counter()
         self._tag = 0
 
     def start(self):
@@ -501,7 +503,7 @@ class Publisher:
             future.set_exception(exc)
 
     def _on_return(self, channel, method, properties, body):
-        self._returned.add(properties.message_id)
+        self._returned[properties.message_id] += 1
 
     def _on_confirm(self, frame):
         """Settle the futures an ack or nack covers."""
@@ -514,8 +516,8 @@ class Publisher:
             future, message_id = self._pending.pop(tag, (None, None))
             if future is None:
                 continue
-            if message_id in self._returned:
-                self._returned.discard(message_id)
+            if self._returned[message_id]:
+                self._returned -= collections.Counter([message_id])
                 future.set_exception(ConnectionError("message was unroutable"))
             elif isinstance(method, Basic.Ack):
                 future.set_result(None)

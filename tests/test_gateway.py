@@ -324,6 +324,32 @@ def test_order_kept_when_queue_never_declared(inventory):
         delete_queues(queue)
 
 
+def test_unroutable_orders_are_503_even_with_one_key(inventory):
+    # The queue vanishes under a running gateway: RabbitMQ returns each
+    # publish, and both attempts sharing a message id must be refused.
+    queue = f"test_gone_{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    gateway = Service("gateway", gateway_env(port, inventory.port, queue), port)
+    gateway.start()
+    try:
+        wait_for(lambda: call(gateway.url, "GET", "/health")[0] == 200, what="health")
+        delete_queues(queue)
+        headers = {"Idempotency-Key": "same"}
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            statuses = list(
+                pool.map(
+                    lambda _: call(gateway.url, "POST", "/api/billing", ORDER, headers)[
+                        0
+                    ],
+                    range(4),
+                )
+            )
+        assert statuses == [503] * 4
+    finally:
+        gateway.stop()
+        delete_queues(queue)
+
+
 def test_concurrent_orders_each_confirmed_once(gateway, empty_queue):
     def post(i):
         order = {"user_id": i + 1, "number_of_items": 1, "total_amount": "1.50"}

@@ -1,8 +1,11 @@
 """Pure parts of the services, tested without any server."""
 
+import concurrent.futures
+import types
 from decimal import Decimal
 from pathlib import Path
 
+import pika
 import pytest
 
 import billing
@@ -142,3 +145,19 @@ def test_routes_match_trailing_slash():
     for path in paths:
         assert any(p.fullmatch(path) for _, p, _ in inventory.ROUTES)
     assert not any(p.fullmatch("/api/movies/7/x") for _, p, _ in inventory.ROUTES)
+
+
+def test_publisher_fails_every_returned_publish_of_one_message_id():
+    # Two publishes share a message id (one Idempotency-Key); RabbitMQ returns
+    # both, then acks them together: neither may be reported as stored.
+    publisher = gateway.Publisher(params=None, queue="q")
+    futures = [concurrent.futures.Future() for _ in range(3)]
+    publisher._pending = {1: (futures[0], "key:1:k"), 2: (futures[1], "key:1:k")}
+    publisher._pending[3] = (futures[2], "other")
+    properties = pika.BasicProperties(message_id="key:1:k")
+    for _ in range(2):
+        publisher._on_return(None, None, properties, b"{}")
+    ack = types.SimpleNamespace(method=pika.spec.Basic.Ack(3, multiple=True))
+    publisher._on_confirm(ack)
+    assert [type(f.exception()) for f in futures[:2]] == [ConnectionError] * 2
+    assert futures[2].result() is None

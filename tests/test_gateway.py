@@ -310,44 +310,37 @@ def test_billing_wrong_content_type_and_size(gateway, empty_queue):
     assert queue_depth(empty_queue) == 0
 
 
-def test_order_kept_when_queue_never_declared(inventory):
+@pytest.fixture
+def fresh_gateway(inventory):
+    """A gateway on a queue nobody has declared yet: (service, queue name)."""
     queue = f"test_fresh_{uuid.uuid4().hex[:8]}"
     port = free_port()
-    gateway = Service("gateway", gateway_env(port, inventory.port, queue), port)
-    gateway.start()
-    try:
-        wait_for(lambda: call(gateway.url, "GET", "/health")[0] == 200, what="health")
-        assert call(gateway.url, "POST", "/api/billing", ORDER)[0] == 200
-        assert queue_depth(queue) == 1
-    finally:
-        gateway.stop()
-        delete_queues(queue)
+    service = Service("gateway", gateway_env(port, inventory.port, queue), port)
+    service.start()
+    wait_for(lambda: call(service.url, "GET", "/health")[0] == 200, what="health")
+    yield service, queue
+    service.stop()
+    delete_queues(queue)
 
 
-def test_unroutable_orders_are_503_even_with_one_key(inventory):
+def test_order_kept_when_queue_never_declared(fresh_gateway):
+    gateway, queue = fresh_gateway
+    assert call(gateway.url, "POST", "/api/billing", ORDER)[0] == 200
+    assert queue_depth(queue) == 1
+
+
+def test_unroutable_orders_are_503_even_with_one_key(fresh_gateway):
     # The queue vanishes under a running gateway: RabbitMQ returns each
-    # publish, and both attempts sharing a message id must be refused.
-    queue = f"test_gone_{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    gateway = Service("gateway", gateway_env(port, inventory.port, queue), port)
-    gateway.start()
-    try:
-        wait_for(lambda: call(gateway.url, "GET", "/health")[0] == 200, what="health")
-        delete_queues(queue)
+    # publish, and attempts sharing a message id must all be refused.
+    gateway, queue = fresh_gateway
+    delete_queues(queue)
+
+    def post(_):
         headers = {"Idempotency-Key": "same"}
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            statuses = list(
-                pool.map(
-                    lambda _: call(gateway.url, "POST", "/api/billing", ORDER, headers)[
-                        0
-                    ],
-                    range(4),
-                )
-            )
-        assert statuses == [503] * 4
-    finally:
-        gateway.stop()
-        delete_queues(queue)
+        return call(gateway.url, "POST", "/api/billing", ORDER, headers)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(post, range(4))) == [503] * 4
 
 
 def test_concurrent_orders_each_confirmed_once(gateway, empty_queue):

@@ -1099,70 +1099,29 @@ def _print_main(results):
             )
         )
 
-    add(
-        "W1 GET /api/movies/<id> gw",
-        w["W1"]["rps"],
-        w["W1"]["p50_us"],
-        w["W1"]["p99_us"],
-        _err(w["W1"]),
-        _mid("W1"),
-        TARGET_X["W1"],
-        "W1d",
-        w["W1d"]["rps"],
-        w["W1"],
-    )
-    add(
-        "W1d same, direct inventory",
-        w["W1d"]["rps"],
-        w["W1d"]["p50_us"],
-        w["W1d"]["p99_us"],
-        _err(w["W1d"]),
-        _mid("W1d"),
-        None,
-        None,
-        None,
-        w["W1d"],
-    )
-    for key, label in (
-        ("W2", "W2 GET ?title=needle gw"),
-        ("W3", "W3 GET all 1,000 gw"),
-        ("W4", "W4 POST /api/movies gw"),
-    ):
+    def add_wrk(key, label, floor_key=None):
+        """A row for wrk (or publisher) workload `key`, against its floor if any."""
+        r = w[key]
         add(
             label,
-            w[key]["rps"],
-            w[key]["p50_us"],
-            w[key]["p99_us"],
-            _err(w[key]),
-            _mid(key),
-            TARGET_X[key],
-            None,
-            None,
-            w[key],
+            r["rps"],
+            r.get("p50_us"),
+            r.get("p99_us"),
+            _err(r),
+            _mid(key) if key in USUAL else None,
+            TARGET_X.get(key),
+            floor_key,
+            w[floor_key]["rps"] if floor_key else None,
+            r,
         )
-    add(
-        "W5 POST /api/billing gw",
-        w["W5"]["rps"],
-        w["W5"]["p50_us"],
-        w["W5"]["p99_us"],
-        _err(w["W5"]),
-        _mid("W5"),
-        TARGET_X["W5"],
-        "pub",
-        w["pub"]["rps"],
-        w["W5"],
-    )
-    add(
-        "pub bare publisher, confirms",
-        w["pub"]["rps"],
-        None,
-        None,
-        _err(w["pub"]),
-        None,
-        None,
-        None,
-        None,
-    )
+
+    add_wrk("W1", "W1 GET /api/movies/<id> gw", "W1d")
+    add_wrk("W1d", "W1d same, direct inventory")
+    add_wrk("W2", "W2 GET ?title=needle gw")
+    add_wrk("W3", "W3 GET all 1,000 gw")
+    add_wrk("W4", "W4 POST /api/movies gw")
+    add_wrk("W5", "W5 POST /api/billing gw", "pub")
+    add_wrk("pub", "pub bare publisher, confirms")
     d = results["drain"]
     add(
         f"drain {d['backlog']:,} msgs -> orders",

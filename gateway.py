@@ -48,6 +48,10 @@ MAX_ORDER_BODY = 64 * 1024
 MAX_DB_INT = 2**31 - 1
 MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
 REQUEST_TIMEOUT = 10  # seconds a client has to send a whole request
+# A request line and headers together; browsers and curl stay under 16 KiB
+# (nginx refuses beyond 32 KiB by default), so only an abuse reaches it.
+MAX_HEAD = 64 * 1024
+SHUTDOWN_GRACE = 3  # seconds for requests in flight at SIGTERM (PM2 kills at 5)
 MAX_CONNECTIONS = 512  # open client connections, one thread each
 PUBLISH_TIMEOUT = 4  # seconds to wait for RabbitMQ's confirm before 503
 UPSTREAM_IDLE = 4  # seconds an idle upstream connection is kept (inventory: 10)
@@ -63,6 +67,7 @@ HOP_BY_HOP = {
     "upgrade",
     "host",
     "content-length",
+    "expect",  # answered here: inventory gets the whole request at once
 }
 DROP_FROM_UPSTREAM = HOP_BY_HOP | {"server", "date"}
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
@@ -205,7 +210,7 @@ def idempotency_key(headers):
 def decode_object(body, what):
     """Parse JSON bytes that must hold an object; 400 otherwise."""
     try:
-        data = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
+        data = json.loads(body, parse_float=_decimal, parse_constant=_reject_constant)
     except RecursionError:
         raise _bad(f"{what} is nested too deeply") from None
     except ValueError as exc:
@@ -213,6 +218,14 @@ def decode_object(body, what):
     if not isinstance(data, dict):
         raise _bad(f"{what} must be a JSON object")
     return data
+
+
+def _decimal(text):
+    """A JSON number with a fraction or exponent, as a Decimal; ValueError if absurd."""
+    try:
+        return Decimal(text)
+    except ArithmeticError:  # an exponent beyond what Decimal can hold
+        raise ValueError(f"number {text[:20]}... is out of range") from None
 
 
 def _reject_constant(name):
@@ -279,18 +292,13 @@ class Upstream:
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
         try:
             conn.sock.sendall(data)
-            line = conn.rfile.readline(65537)
-            if not line:
-                raise http.client.RemoteDisconnected("no status line")
-            status = int(line.split(None, 2)[1])
-            pairs, length, chunked, close = [], None, False, False
-            while True:
-                line = conn.rfile.readline(65537)
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                name, _, value = line.decode("latin-1").partition(":")
-                name, value = name.strip(), value.strip()
-                pairs.append((name, value))
+            status, pairs = _read_head(conn.rfile)
+            while 100 <= status < 200:  # interim answers: the final one follows
+                if status == 101:
+                    raise ValueError("inventory switched protocols")
+                status, pairs = _read_head(conn.rfile)
+            length, chunked, close = None, False, False
+            for name, value in pairs:
                 lower = name.lower()
                 if lower == "content-length":
                     length = int(value)
@@ -352,6 +360,20 @@ class Upstream:
                 self._release(conn, close)
             else:
                 conn.close()
+
+
+def _read_head(rfile):
+    """Read a status line and its headers: (status, [(name, value)])."""
+    line = rfile.readline(65537)
+    if not line:
+        raise http.client.RemoteDisconnected("no status line")
+    status, pairs = int(line.split(None, 2)[1]), []
+    while True:
+        line = rfile.readline(65537)
+        if line in (b"\r\n", b"\n", b""):
+            return status, pairs
+        name, _, value = line.decode("latin-1").partition(":")
+        pairs.append((name.strip(), value.strip()))
 
 
 class _Link:
@@ -538,8 +560,8 @@ class Publisher:
 
 def proxy_movies(req):
     """Any /api/movies... request: forward to inventory, answer as it did."""
-    body = req.read_body(MAX_PROXY_BODY) if req.command in ("POST", "PUT") else None
-    if body is None and req.declared_length():
+    body = None
+    if req.command in ("POST", "PUT") or req.body_length:
         body = req.read_body(MAX_PROXY_BODY)
     headers = {k: v for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP}
     headers["X-Forwarded-For"] = req.client_address[0]
@@ -630,6 +652,8 @@ class Server(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._deadlines = {}
         self.cut = set()  # sockets the reaper cut off mid-request
+        self.busy = set()  # connections with a request in progress
+        self.stopping = False
         self._lock = threading.Lock()
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
@@ -675,6 +699,23 @@ class Server(ThreadingHTTPServer):
                 except OSError:
                     pass
 
+    def stop(self):
+        """Refuse new connections at once, then end serve_forever (another thread)."""
+        self.stopping = True
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)  # Linux refuses connects from now
+        except OSError:
+            pass
+        self.shutdown()
+
+    def finish(self, grace):
+        """Once serve_forever returned, wait up to grace seconds for requests."""
+        deadline = time.monotonic() + grace
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.busy:
+            log.warning("stopping with %d requests unfinished", len(self.busy))
+
     def handle_error(self, request, client_address):
         """Log unexpected errors; ordinary disconnects are a debug line."""
         exc = sys.exc_info()[1]
@@ -687,6 +728,44 @@ class Server(ThreadingHTTPServer):
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 method syntax
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _NON_ASCII = re.compile(r"[\x80-\xff]")  # raw bytes, as http.server decoded them
+# name ":" value, CRLF (or LF): a token for the name, no space before the colon,
+# no control character but HTAB in the value (so no bare CR, no NUL)
+_HEADER_LINE = re.compile(
+    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n"
+)
+
+
+class _HeadReader:
+    """Hands http.server the header lines, refusing any it could misread.
+
+    Its email parser takes a bare CR for a line end, unfolds continuation
+    lines and reads everything after a line without a colon as body: here
+    each is an error, as is a head over MAX_HEAD or one the client never ended.
+    """
+
+    def __init__(self, rfile, budget):
+        self.rfile, self.budget, self.error = rfile, budget, None
+
+    def readline(self, size=-1):
+        """The next header line; after a problem, the end of the head."""
+        if self.error:
+            return b"\r\n"
+        line = self.rfile.readline(max(self.budget, 0) + 1)
+        self.budget -= len(line)
+        if line in (b"\r\n", b"\n"):
+            return line
+        if self.budget < 0:
+            self.error = (
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"request line and headers over {MAX_HEAD} bytes",
+            )
+        elif not line.endswith(b"\n"):
+            self.error = (HTTPStatus.BAD_REQUEST, "request headers cut off")
+        elif not _HEADER_LINE.fullmatch(line):
+            self.error = (HTTPStatus.BAD_REQUEST, "malformed header line")
+        else:
+            return line
+        return b"\r\n"
 
 
 def _percent_encode(match):
@@ -722,15 +801,28 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Read and answer one request within REQUEST_TIMEOUT."""
         self.server.watch(self.connection, REQUEST_TIMEOUT)
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.busy.discard(self.connection)
 
     def parse_request(self):
-        """Refuse a request that the reaper cut off before it was complete."""
+        """Parse the head; refuse one cut off, malformed or with ambiguous framing."""
+        self.server.busy.add(self.connection)
+        self.body_length, self._expect_100 = 0, False
         if self.raw_requestline.endswith(b"\n"):
-            ok = super().parse_request()  # answers 400 itself when not ok
+            head = _HeadReader(self.rfile, MAX_HEAD - len(self.raw_requestline))
+            self.rfile = head  # http.server reads the header lines through it
+            try:
+                ok = super().parse_request()  # answers 400 itself when not ok
+            finally:
+                self.rfile = head.rfile
             timed_out = ok and self.connection in self.server.cut
             if ok and not timed_out:
-                return self._check_target()
+                if head.error:
+                    self.send_error(*head.error)
+                    return False
+                return self._check_framing() and self._check_target()
         else:  # cut off mid-line, or the client closed
             ok, timed_out = False, self.connection in self.server.cut
         if timed_out:
@@ -739,6 +831,36 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.REQUEST_TIMEOUT, "request not received in time")
             return False
         return ok
+
+    def _check_framing(self):
+        """Set body_length from Content-Length; refuse any other framing."""
+        lengths = self.headers.get_all("Content-Length")
+        if "Transfer-Encoding" in self.headers:
+            if lengths:
+                self.send_error(
+                    HTTPStatus.BAD_REQUEST,
+                    "send Content-Length or Transfer-Encoding, not both",
+                )
+            else:  # we cannot tell where the body ends
+                self.send_error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length")
+            return False
+        if lengths:
+            # RFC 9112 6.3: identical repeated values stand for that one value.
+            values = {v.strip(" \t") for line in lengths for v in line.split(",")}
+            text = values.pop()
+            if values or not text.isascii() or not text.isdigit() or len(text) > 18:
+                self.send_error(
+                    HTTPStatus.BAD_REQUEST,
+                    "Content-Length must be one non-negative integer",
+                )
+                return False
+            self.body_length = int(text)
+        return True
+
+    def handle_expect_100(self):
+        """Send 100 Continue only once the body is wanted (see read_length)."""
+        self._expect_100 = True
+        return True
 
     def _check_target(self):
         """Refuse odd methods and control characters; percent-encode non-ASCII."""
@@ -767,11 +889,6 @@ class Handler(BaseHTTPRequestHandler):
         """Route the request, run its handler and write the answer."""
         self._body_read = False
         try:
-            if "Transfer-Encoding" in self.headers:
-                self.close_connection = True  # we cannot tell where the body ends
-                raise ApiError(
-                    HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header"
-                )
             handler, params = self._route(urlsplit(self.path).path)
             result = handler(self, **params)
             status, payload, headers = (*result, {})[:3]
@@ -786,7 +903,7 @@ class Handler(BaseHTTPRequestHandler):
                 {"error": "internal error"},
                 {},
             )
-        if not self._body_read and self.declared_length():
+        if not self._body_read and self.body_length:
             self.close_connection = True  # the unread body would poison the stream
         self.respond(status, payload, headers)
 
@@ -805,13 +922,6 @@ class Handler(BaseHTTPRequestHandler):
         error.allow = ", ".join(allowed)
         raise error
 
-    def declared_length(self):
-        """The request's Content-Length, 0 when absent or unreadable."""
-        try:
-            return int(self.headers.get("Content-Length", 0))
-        except ValueError:
-            return 0
-
     def read_body(self, limit, json_only=False):
         """Read the raw body, enforcing Content-Length, size and (if asked) JSON."""
         if json_only:
@@ -822,18 +932,21 @@ class Handler(BaseHTTPRequestHandler):
                     HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                     "Content-Type must be application/json",
                 )
-        text = self.headers.get("Content-Length", "0").strip()
-        if not text.isascii() or not text.isdigit():
-            raise _bad("Content-Length must be a non-negative integer")
-        length = int(text)
-        if length > limit:
+        return self.read_length(limit)
+
+    def read_length(self, limit):
+        """Read the body_length bytes of the body (413 beyond limit)."""
+        if self.body_length > limit:
             raise ApiError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes"
             )
-        body = self.rfile.read(length)
+        if self._expect_100 and self.body_length:
+            self._expect_100 = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self.rfile.read(self.body_length)
         self._body_read = True
         self.server.watch(self.connection, None)
-        if len(body) < length:
+        if len(body) < self.body_length:
             self.close_connection = True
             raise ApiError(
                 HTTPStatus.REQUEST_TIMEOUT, "request body not received in time"
@@ -843,6 +956,8 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, status, payload, headers=None):
         """Write a response (JSON unless headers say) with an exact Content-Length."""
         self.server.watch(self.connection, None)
+        if self.server.stopping:
+            self.close_connection = True  # the last answer on this connection
         if isinstance(payload, types.GeneratorType):
             self._respond_chunked(status, payload, headers)
             return
@@ -867,15 +982,22 @@ class Handler(BaseHTTPRequestHandler):
         self.flush_headers()
 
     def _respond_chunked(self, status, pieces, headers):
-        """Relay a response of unknown length with chunked transfer encoding."""
+        """Relay a response of unknown length: chunked, or until the close."""
+        chunked = self.request_version >= "HTTP/1.1"  # HTTP/1.0 cannot read chunks
+        self.close_connection = self.close_connection or not chunked
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
-        self.send_header("Transfer-Encoding", "chunked")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         try:
             for data in pieces:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.write(
+                    b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
+                )
         except (OSError, http.client.HTTPException) as exc:
             # Too late for an error status: cut the connection so the client
             # sees a truncated body rather than a complete-looking one.
@@ -883,7 +1005,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             pieces.close()
             return
-        self.wfile.write(b"0\r\n\r\n")
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def send_error(self, code, message=None, explain=None):
         """Answer http.server's own errors (bad request line, odd method) in JSON."""
@@ -938,13 +1061,14 @@ def main():
     def on_signal(signum, frame):
         if not stop.is_set():
             stop.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
+            threading.Thread(target=server.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     host, port = server.server_address[:2]
     log.info("gateway listening on http://%s:%s", host, port)
     server.serve_forever()
+    server.finish(SHUTDOWN_GRACE)
     server.server_close()
     log.info("gateway stopped")
 

@@ -51,6 +51,10 @@ MAX_DESCRIPTION = 10_000
 MAX_LIMIT = 1000
 MAX_DB_INT = 2**31 - 1
 REQUEST_TIMEOUT = 10  # seconds a client has to send a whole request
+# A request line and headers together; browsers and curl stay under 16 KiB
+# (nginx refuses beyond 32 KiB by default), so only an abuse reaches it.
+MAX_HEAD = 64 * 1024
+SHUTDOWN_GRACE = 3  # seconds for requests in flight at SIGTERM (PM2 kills at 5)
 MAX_CONNECTIONS = 512  # open client connections, one thread each
 DB_WAIT = 4  # seconds to wait for a database connection before answering 503
 STREAM_PAGE = 2000  # movies per page of a streamed list; shorter lists are not
@@ -355,6 +359,8 @@ class Server(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._deadlines = {}
         self.cut = set()  # sockets the reaper cut off mid-request
+        self.busy = set()  # connections with a request in progress
+        self.stopping = False
         self._lock = threading.Lock()
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
@@ -400,6 +406,23 @@ class Server(ThreadingHTTPServer):
                 except OSError:
                     pass
 
+    def stop(self):
+        """Refuse new connections at once, then end serve_forever (another thread)."""
+        self.stopping = True
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)  # Linux refuses connects from now
+        except OSError:
+            pass
+        self.shutdown()
+
+    def finish(self, grace):
+        """Once serve_forever returned, wait up to grace seconds for requests."""
+        deadline = time.monotonic() + grace
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.busy:
+            log.warning("stopping with %d requests unfinished", len(self.busy))
+
     def handle_error(self, request, client_address):
         """Log unexpected errors; ordinary disconnects are a debug line."""
         exc = sys.exc_info()[1]
@@ -412,6 +435,44 @@ class Server(ThreadingHTTPServer):
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 method syntax
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _NON_ASCII = re.compile(r"[\x80-\xff]")  # raw bytes, as http.server decoded them
+# name ":" value, CRLF (or LF): a token for the name, no space before the colon,
+# no control character but HTAB in the value (so no bare CR, no NUL)
+_HEADER_LINE = re.compile(
+    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n"
+)
+
+
+class _HeadReader:
+    """Hands http.server the header lines, refusing any it could misread.
+
+    Its email parser takes a bare CR for a line end, unfolds continuation
+    lines and reads everything after a line without a colon as body: here
+    each is an error, as is a head over MAX_HEAD or one the client never ended.
+    """
+
+    def __init__(self, rfile, budget):
+        self.rfile, self.budget, self.error = rfile, budget, None
+
+    def readline(self, size=-1):
+        """The next header line; after a problem, the end of the head."""
+        if self.error:
+            return b"\r\n"
+        line = self.rfile.readline(max(self.budget, 0) + 1)
+        self.budget -= len(line)
+        if line in (b"\r\n", b"\n"):
+            return line
+        if self.budget < 0:
+            self.error = (
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"request line and headers over {MAX_HEAD} bytes",
+            )
+        elif not line.endswith(b"\n"):
+            self.error = (HTTPStatus.BAD_REQUEST, "request headers cut off")
+        elif not _HEADER_LINE.fullmatch(line):
+            self.error = (HTTPStatus.BAD_REQUEST, "malformed header line")
+        else:
+            return line
+        return b"\r\n"
 
 
 def _percent_encode(match):
@@ -447,15 +508,28 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Read and answer one request within REQUEST_TIMEOUT."""
         self.server.watch(self.connection, REQUEST_TIMEOUT)
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.busy.discard(self.connection)
 
     def parse_request(self):
-        """Refuse a request that the reaper cut off before it was complete."""
+        """Parse the head; refuse one cut off, malformed or with ambiguous framing."""
+        self.server.busy.add(self.connection)
+        self.body_length, self._expect_100 = 0, False
         if self.raw_requestline.endswith(b"\n"):
-            ok = super().parse_request()  # answers 400 itself when not ok
+            head = _HeadReader(self.rfile, MAX_HEAD - len(self.raw_requestline))
+            self.rfile = head  # http.server reads the header lines through it
+            try:
+                ok = super().parse_request()  # answers 400 itself when not ok
+            finally:
+                self.rfile = head.rfile
             timed_out = ok and self.connection in self.server.cut
             if ok and not timed_out:
-                return self._check_target()
+                if head.error:
+                    self.send_error(*head.error)
+                    return False
+                return self._check_framing() and self._check_target()
         else:  # cut off mid-line, or the client closed
             ok, timed_out = False, self.connection in self.server.cut
         if timed_out:
@@ -464,6 +538,36 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.REQUEST_TIMEOUT, "request not received in time")
             return False
         return ok
+
+    def _check_framing(self):
+        """Set body_length from Content-Length; refuse any other framing."""
+        lengths = self.headers.get_all("Content-Length")
+        if "Transfer-Encoding" in self.headers:
+            if lengths:
+                self.send_error(
+                    HTTPStatus.BAD_REQUEST,
+                    "send Content-Length or Transfer-Encoding, not both",
+                )
+            else:  # we cannot tell where the body ends
+                self.send_error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length")
+            return False
+        if lengths:
+            # RFC 9112 6.3: identical repeated values stand for that one value.
+            values = {v.strip(" \t") for line in lengths for v in line.split(",")}
+            text = values.pop()
+            if values or not text.isascii() or not text.isdigit() or len(text) > 18:
+                self.send_error(
+                    HTTPStatus.BAD_REQUEST,
+                    "Content-Length must be one non-negative integer",
+                )
+                return False
+            self.body_length = int(text)
+        return True
+
+    def handle_expect_100(self):
+        """Send 100 Continue only once the body is wanted (see read_length)."""
+        self._expect_100 = True
+        return True
 
     def _check_target(self):
         """Refuse odd methods and control characters; percent-encode non-ASCII."""
@@ -497,11 +601,6 @@ class Handler(BaseHTTPRequestHandler):
         self.query = {}
         self._body_read = False
         try:
-            if "Transfer-Encoding" in self.headers:
-                self.close_connection = True  # we cannot tell where the body ends
-                raise ApiError(
-                    HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header"
-                )
             url = urlsplit(self.path)
             handler, params = self._route(url.path)
             self.query = _parse_query(url.query)
@@ -518,7 +617,7 @@ class Handler(BaseHTTPRequestHandler):
                 {"error": "internal error"},
                 {},
             )
-        if not self._body_read and self._declared_length():
+        if not self._body_read and self.body_length:
             self.close_connection = True  # the unread body would poison the stream
         self.respond(status, payload, headers)
 
@@ -537,13 +636,6 @@ class Handler(BaseHTTPRequestHandler):
         error.allow = ", ".join(allowed)
         raise error
 
-    def _declared_length(self):
-        """The request's Content-Length, 0 when absent or unreadable."""
-        try:
-            return int(self.headers.get("Content-Length", 0))
-        except ValueError:
-            return 0
-
     def json_body(self):
         """Read the body and return it as a JSON object (dict)."""
         return decode_object(self.read_body(MAX_BODY, self.headers), "request body")
@@ -557,18 +649,21 @@ class Handler(BaseHTTPRequestHandler):
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                 "Content-Type must be application/json",
             )
-        text = headers.get("Content-Length", "0").strip()
-        if not text.isascii() or not text.isdigit():
-            raise _bad("Content-Length must be a non-negative integer")
-        length = int(text)
-        if length > limit:
+        return self.read_length(limit)
+
+    def read_length(self, limit):
+        """Read the body_length bytes of the body (413 beyond limit)."""
+        if self.body_length > limit:
             raise ApiError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes"
             )
-        body = self.rfile.read(length)
+        if self._expect_100 and self.body_length:
+            self._expect_100 = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self.rfile.read(self.body_length)
         self._body_read = True
         self.server.watch(self.connection, None)
-        if len(body) < length:
+        if len(body) < self.body_length:
             self.close_connection = True
             raise ApiError(
                 HTTPStatus.REQUEST_TIMEOUT, "request body not received in time"
@@ -578,6 +673,8 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, status, payload, headers=None):
         """Write a JSON response with an exact Content-Length."""
         self.server.watch(self.connection, None)
+        if self.server.stopping:
+            self.close_connection = True  # the last answer on this connection
         if isinstance(payload, types.GeneratorType):
             self._respond_chunked(status, payload)
             return
@@ -599,14 +696,21 @@ class Handler(BaseHTTPRequestHandler):
         self.flush_headers()
 
     def _respond_chunked(self, status, pieces):
-        """Stream a response of unknown length with chunked transfer encoding."""
+        """Stream a response of unknown length: chunked, or until the close."""
+        chunked = self.request_version >= "HTTP/1.1"  # HTTP/1.0 cannot read chunks
+        self.close_connection = self.close_connection or not chunked
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Transfer-Encoding", "chunked")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         try:
             for piece in pieces:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(
+                    b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
+                )
         except (OSError, ApiError) as exc:
             # Too late for an error status: cut the connection so the client
             # sees a truncated body rather than a complete-looking one.
@@ -614,7 +718,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             pieces.close()
             return
-        self.wfile.write(b"0\r\n\r\n")
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def send_error(self, code, message=None, explain=None):
         """Answer http.server's own errors (bad request line, odd method) in JSON."""
@@ -687,13 +792,14 @@ def main():
     def on_signal(signum, frame):
         if not stop.is_set():
             stop.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
+            threading.Thread(target=server.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     host, port = server.server_address[:2]
     log.info("inventory listening on http://%s:%s", host, port)
     server.serve_forever()
+    server.finish(SHUTDOWN_GRACE)
     server.server_close()
     db.close()
     log.info("inventory stopped")

@@ -159,7 +159,8 @@ class FakeUpstream:
 
     It reads each request strictly (one Content-Length, no Transfer-Encoding;
     anything else is recorded as a framing problem) and answers with
-    answer(recorded) -> bytes, keeping the connection open.
+    answer(recorded): bytes, keeping the connection open, or (bytes, True)
+    to close it after them.
     """
 
     def __init__(self, answer):
@@ -188,7 +189,11 @@ class FakeUpstream:
                 if request is None:
                     return
                 self.requests.append(request)
-                sock.sendall(self.answer(request))
+                answer = self.answer(request)
+                if isinstance(answer, tuple):  # (bytes, close): delimited by the close
+                    sock.sendall(answer[0])
+                    return
+                sock.sendall(answer)
         except (OSError, ValueError) as exc:
             self.problems.append(repr(exc))
         finally:

@@ -306,10 +306,10 @@ class Upstream:
                     chunked = "chunked" in value.lower()
                 elif lower == "connection":
                     close = "close" in value.lower()
-            if chunked:
-                return status, pairs, self._relay(conn, close)
             if method == "HEAD" or status in (204, 304):
-                data = b""
+                data = b""  # no body, whatever the headers announce
+            elif chunked:
+                return status, pairs, self._relay(conn, close)
             elif length is None:
                 data, close = conn.rfile.read(), True
             else:

@@ -178,6 +178,7 @@ class FakeUpstream:
                 sock, _ = self.listener.accept()
             except OSError:
                 return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._open.append(sock)
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 

@@ -305,6 +305,24 @@ def test_gateway_skips_interim_answers_from_upstream(fake_gateway):
         client.close()
 
 
+def test_gateway_reads_no_body_after_head_even_if_chunked(fake_gateway):
+    # Found by the fuzzer: the gateway waited for chunks of a HEAD answer.
+    def answer(request):
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        return head + b"Transfer-Encoding: chunked\r\n\r\n"
+
+    gateway, _ = fake_gateway(answer)
+    client = Client(gateway.port)
+    try:
+        start = time.monotonic()
+        for _ in range(2):  # the upstream connection stays in step
+            client.send(b"HEAD /api/movies HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.response("HEAD").status == 200
+        assert time.monotonic() - start < 1
+    finally:
+        client.close()
+
+
 # --- 5. and 6. Content-Length and ambiguous framing ---
 
 BAD_FRAMING = {

@@ -48,7 +48,7 @@ MAX_DB_INT = 2**31 - 1
 MAX_MESSAGE_ID = 255
 MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
 MAX_BODY = 64 * 1024  # bytes; the gateway takes no larger order, one is ~80 bytes
-CHILD_TIMEOUT = 10  # seconds a child process may take to parse suspect messages
+PARSE_TIMEOUT = 5  # seconds to parse a message (or batch); a hang beyond is a crash
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
 _INTEGER = re.compile(r"[0-9]{1,10}")
 _AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
@@ -176,7 +176,7 @@ def _parse_decimal(text):
     """A JSON number with a fraction or exponent; NaN (refused) if out of range."""
     try:
         return Decimal(text)
-    except ArithmeticError:  # an exponent beyond Decimal's range, e.g. 1e10**18
+    except ArithmeticError:  # an exponent beyond Decimal's range: 1e1000000000000000000
         return Decimal("NaN")
 
 
@@ -196,9 +196,10 @@ def read_message(body, message_id):
 def read_apart(messages):
     """read_message for each (tag, message_id, body), in a child process.
 
-    Returns {tag: (order, reason)}. A child that dies, hangs or fails is
-    retried on each half of the messages, until the one that kills it is
-    alone; that one gets the reason. Billing itself never parses them.
+    Returns {tag: (order, reason)}. The child answers one line per message,
+    in order; if it dies, hangs or fails, the first message it did not answer
+    is the culprit: it gets the reason, and the rest go to a new child.
+    Billing itself never parses them.
     """
     reader, writer = os.pipe()
     pid = os.fork()
@@ -206,54 +207,55 @@ def read_apart(messages):
         os.close(reader)
         status = 1
         try:
-            with os.fdopen(writer, "wb") as out:
-                for tag, message_id, body in messages:
-                    order, reason = read_message(body, message_id)
-                    if order is not None:
-                        order = [order[0], order[1], str(order[2])]
-                    out.write(json.dumps([tag, order, reason]).encode() + b"\n")
+            for tag, message_id, body in messages:
+                order, reason = read_message(body, message_id)
+                if order is not None:
+                    order = [order[0], order[1], str(order[2])]
+                line = json.dumps([tag, order, reason]).encode() + b"\n"
+                while line:  # unbuffered: what was answered survives a crash
+                    line = line[os.write(writer, line) :]
             status = 0
         finally:
             os._exit(status)  # no atexit, no cleanup of the parent's connections
     os.close(writer)
     output, failure = _read_child(reader, pid)
-    if failure is None:
-        verdicts = {}
-        for line in output.splitlines():
-            tag, order, reason = json.loads(line)
-            if order is not None:
-                order = (order[0], order[1], Decimal(order[2]))
-            verdicts[tag] = (order, reason)
+    verdicts = {}
+    for line in output.split(b"\n")[:-1]:  # complete lines only
+        tag, order, reason = json.loads(line)
+        if order is not None:
+            order = (order[0], order[1], Decimal(order[2]))
+        verdicts[tag] = (order, reason)
+    if failure is None or len(verdicts) >= len(messages):
         return verdicts
-    if len(messages) == 1:
-        log.warning(
-            "message %r made billing's parser fail: %s", messages[0][1], failure
-        )
-        return {messages[0][0]: (None, f"billing's parser failed on it: {failure}")}
-    half = len(messages) // 2
-    return {**read_apart(messages[:half]), **read_apart(messages[half:])}
+    culprit, rest = messages[len(verdicts)], messages[len(verdicts) + 1 :]
+    log.warning("message %r made billing's parser fail: %s", culprit[1], failure)
+    verdicts[culprit[0]] = (None, f"billing's parser failed on it: {failure}")
+    return {**verdicts, **(read_apart(rest) if rest else {})}
 
 
 def _read_child(reader, pid):
-    """Collect a child's output; return (text, None) or (None, how it failed)."""
-    chunks, deadline, failure = [], time.monotonic() + CHILD_TIMEOUT, None
-    with os.fdopen(reader, "rb") as pipe:
+    """Collect a child's output; return (bytes, None or how the child failed)."""
+    chunks, deadline, failure = [], time.monotonic() + PARSE_TIMEOUT, None
+    try:
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([pipe], [], [], left)[0]:
+            if left <= 0 or not select.select([reader], [], [], left)[0]:
                 os.kill(pid, signal.SIGKILL)
-                failure = f"no answer within {CHILD_TIMEOUT}s"
+                failure = f"no answer within {PARSE_TIMEOUT}s"
                 break
-            chunk = pipe.read1(65536)
+            chunk = os.read(reader, 65536)
             if not chunk:
                 break
             chunks.append(chunk)
+            deadline = time.monotonic() + PARSE_TIMEOUT  # per message, not per batch
+    finally:
+        os.close(reader)
     _, status = os.waitpid(pid, 0)
     if failure is None and os.WIFSIGNALED(status):
         failure = f"killed by signal {os.WTERMSIG(status)}"
     elif failure is None and os.waitstatus_to_exitcode(status) != 0:
         failure = f"exit status {os.waitstatus_to_exitcode(status)}"
-    return (None, failure) if failure else (b"".join(chunks).decode(), None)
+    return b"".join(chunks), failure
 
 
 # --- Consumer ---
@@ -350,17 +352,23 @@ class Consumer:
         """Parse a batch: ([(tag, values to insert)], {tag: dead-letter reason}).
 
         A redelivered message was unsettled when a consumer stopped, maybe
-        because it killed billing: those are parsed in a child process.
+        because it killed or hung billing: those are parsed in a child process.
         """
         suspects = [(tag, p.message_id, body) for tag, again, p, body in batch if again]
         verdicts = read_apart(suspects) if suspects else {}
+        # SIGALRM's default action ends the process: a parser stuck in a loop
+        # becomes a crash, and the message is a suspect when redelivered.
+        signal.alarm(PARSE_TIMEOUT)
+        try:
+            for tag, _, properties, body in batch:
+                if tag not in verdicts:
+                    verdicts[tag] = read_message(body, properties.message_id)
+        finally:
+            signal.alarm(0)
         rows, dead, seen = [], {}, set()
-        for tag, _, properties, body in batch:
+        for tag, _, properties, _ in batch:
             message_id = properties.message_id
-            if tag in verdicts:
-                order, reason = verdicts[tag]
-            else:
-                order, reason = read_message(body, message_id)
+            order, reason = verdicts[tag]
             if reason is not None:
                 dead[tag] = reason
             elif message_id is None or message_id not in seen:

@@ -336,6 +336,8 @@ def faulty_parse(body):
             os.kill(os.getpid(), signal.SIGKILL)
         if how == "abort":
             os.abort()
+        while how == "hang":
+            pass
         raise RuntimeError("a bug nobody knows yet")
     return parse(body)
 
@@ -375,7 +377,7 @@ class Supervisor:
         return self.proc.wait(10)
 
 
-@pytest.mark.parametrize("how", ["raise", "kill", "abort"])
+@pytest.mark.parametrize("how", ["raise", "kill", "abort", "hang"])
 def test_a_message_that_kills_billing_is_dead_lettered_not_looped(queue, how):
     marker = f"crash-{uuid.uuid4().hex[:6]}"
     poison = json.dumps({**order(500), "note": marker})
@@ -385,7 +387,7 @@ def test_a_message_that_kills_billing_is_dead_lettered_not_looped(queue, how):
     supervisor = Supervisor([PYTHON, "-c", FAULTY_BILLING, marker, how], env)
     try:
         supervisor.watch(
-            25,
+            40,
             lambda: queue_depth(f"{queue}.dead") == 1 and len(stored()) == 48,
         )
         log = supervisor.log_path.read_text(errors="replace")

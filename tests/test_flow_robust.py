@@ -7,13 +7,18 @@ descriptors); a queue deleted under a running gateway was never declared again.
 """
 
 import concurrent.futures
+import errno
 import http.client
 import json
+import os
 import re
 import socket
+import subprocess
 import time
+import types
 import uuid
 
+import pika
 import pytest
 import yaml
 from conftest import ROOT
@@ -24,11 +29,15 @@ from conftest import delete_queues
 from conftest import free_port
 from conftest import gateway_env
 from conftest import inventory_env
+from conftest import queue_depth
+from conftest import rabbit_channel
+from conftest import rabbit_params
 from conftest import wait_for
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
+import gateway
 import inventory
 
 MIB = 1024 * 1024
@@ -223,3 +232,179 @@ def test_exhausted_pool_is_503_busy_not_unavailable(inventory, clean_movies):
             assert [f.result()[0] for f in held] == [200] * 4
     assert status == 503 and body == {"error": "database busy, try again"}
     assert headers["Retry-After"] == "1"
+
+
+# --- 10. The publisher recovers from anything, without leaking ---
+
+
+class FailingSocketpair:
+    """pika's socketpair, out of file descriptors until release() is called."""
+
+    def __init__(self, real):
+        self.real, self.calls, self.failing = real, 0, True
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.failing:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return self.real(*args, **kwargs)
+
+    def release(self):
+        self.failing = False
+
+
+def test_publisher_survives_running_out_of_descriptors(monkeypatch):
+    queue = f"test_flow_{uuid.uuid4().hex[:8]}"
+    fault = FailingSocketpair(pika.compat.nonblocking_socketpair)
+    monkeypatch.setattr(pika.compat, "nonblocking_socketpair", fault)
+    publisher = gateway.Publisher(rabbit_params(), queue)
+    publisher.start()
+    try:
+        wait_for(lambda: fault.calls >= 2, timeout=10, what="two failed attempts")
+        server = types.SimpleNamespace(upstream=HealthyUpstream(), publisher=publisher)
+        status, report = gateway.health(types.SimpleNamespace(server=server))
+        assert status == 503 and "Too many open files" in report["rabbitmq"], report
+        fault.release()
+        wait_for(publisher.ready.is_set, timeout=15, what="the publisher to recover")
+        publisher.publish(json.dumps(ORDER).encode(), "after-emfile")
+        assert queue_depth(queue) == 1
+        assert gateway.health(types.SimpleNamespace(server=server))[0] == 200
+    finally:
+        stop = getattr(publisher, "stop", None)
+        if stop:
+            stop()
+        delete_queues(queue)
+
+
+class HealthyUpstream:
+    """An inventory that always answers 200."""
+
+    def request(self, method, path, body, headers):
+        return 200, [], b"[]"
+
+
+def amqp_port(pid):
+    """The local port of the process's connection to RabbitMQ (or None)."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", "dport = :5672"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for line in out.splitlines():
+        if f"pid={pid}," in line:
+            return int(line.split()[2].rsplit(":", 1)[1])
+    return None
+
+
+def close_amqp_connection(pid):
+    """Have RabbitMQ close the process's connection; return the old local port."""
+    port = wait_for(lambda: amqp_port(pid), what="the gateway's AMQP connection")
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1] == str(port):
+            subprocess.run(
+                ["rabbitmqctl", "-q", "close_connection", fields[0], "test reconnect"],
+                check=True,
+                capture_output=True,
+            )
+            return port
+    raise AssertionError(f"no RabbitMQ connection from port {port}")
+
+
+def test_reconnects_do_not_leak_descriptors(stack):
+    _, gw = stack
+    pid = gw.proc.pid
+    assert call(gw.url, "POST", "/api/billing", ORDER)[0] == 200
+    before = len(os.listdir(f"/proc/{pid}/fd"))
+    for _ in range(6):
+        old = close_amqp_connection(pid)
+        wait_for(
+            lambda old=old: (
+                amqp_port(pid) not in (None, old)
+                and call(gw.url, "GET", "/health")[0] == 200
+            ),
+            what="the gateway to reconnect",
+        )
+    assert call(gw.url, "POST", "/api/billing", ORDER)[0] == 200
+    time.sleep(0.5)
+    after = len(os.listdir(f"/proc/{pid}/fd"))
+    print(f"\nFIGURE flow.reconnect_fds: reconnects=6 fds={before}->{after}")
+    assert after <= before + 2, (before, after)
+
+
+# --- 11. A deleted queue is declared again ---
+
+
+def test_deleted_queue_is_declared_again(stack):
+    _, gw = stack
+    queue = gw.env["RABBITMQ_QUEUE"]
+    delete_queues(queue)
+    status, _, body = call(gw.url, "POST", "/api/billing", ORDER)
+    assert (status, body) == (200, {"message": "Message posted"})
+    assert queue_depth(queue) == 1
+    conn, channel = rabbit_channel()
+    try:
+        # declared as before: durable, dead-lettering to <queue>.dead
+        channel.queue_declare(
+            queue, durable=True, passive=False, arguments=gateway.queue_arguments(queue)
+        )
+        channel.queue_declare(f"{queue}.dead", durable=True, passive=True)
+    finally:
+        conn.close()
+
+
+def test_publishes_during_a_redeclare_all_answer(stack):
+    _, gw = stack
+    queue = gw.env["RABBITMQ_QUEUE"]
+    delete_queues(queue)
+
+    def post(i):
+        order = {**ORDER, "user_id": i + 1}
+        return call(gw.url, "POST", "/api/billing", order)[0]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(post, range(64)))
+    assert statuses == [200] * 64
+    assert queue_depth(queue) == 64
+
+
+class RecordingChannel:
+    """A channel that declares at once and records what is published."""
+
+    def __init__(self):
+        self.declared, self.published = [], []
+
+    def queue_declare(self, queue, durable, arguments=None, callback=None):
+        self.declared.append(queue)
+        callback(None)
+
+    def basic_publish(self, exchange, routing_key, body, properties, mandatory):
+        self.published.append((routing_key, body, properties.message_id, mandatory))
+
+
+@pytest.mark.parametrize("second", ["routed", "returned"])
+def test_a_returned_publish_is_sent_once_more_after_declaring(second):
+    publisher = gateway.Publisher(params=None, queue="q")
+    publisher._channel = channel = RecordingChannel()
+    future = concurrent.futures.Future()
+    properties = pika.BasicProperties(message_id="m1", delivery_mode=2)
+    publisher._send(gateway._Outgoing(future, b"{}", properties))
+    publisher._on_return(channel, None, properties, b"{}")
+    publisher._on_confirm(types.SimpleNamespace(method=pika.spec.Basic.Ack(1)))
+    assert channel.declared == ["q.dead", "q"] and not future.done()
+    assert channel.published == [("q", b"{}", "m1", True)] * 2
+    if second == "returned":
+        publisher._on_return(channel, None, properties, b"{}")
+    publisher._on_confirm(types.SimpleNamespace(method=pika.spec.Basic.Ack(2)))
+    if second == "returned":
+        assert isinstance(future.exception(), ConnectionError)
+    else:
+        assert future.result() is None
+    assert channel.declared == ["q.dead", "q"]  # declared again once, not twice

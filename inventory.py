@@ -196,7 +196,10 @@ class Database:
         most STREAM_PAGE movies and PAGE_BYTES of JSON (plus one movie): memory
         stays flat whatever the table and the movies.
         """
-        name = "page_movies" if pattern is None else "page_movies_by_title"
+        if pattern is None:
+            name, cut = "page_movies", "cut_movies"
+        else:
+            name = cut = "cut_movies_by_title"
         params = {"pattern": pattern, "after": 0, "offset": offset, "lead": "["}
         params["budget"] = PAGE_BYTES
         # A title search is planned for its pattern every time: a generic plan
@@ -210,6 +213,9 @@ class Database:
             with self.connection() as conn, conn.cursor() as cursor:
                 cursor.execute(QUERIES[name], params, prepare=prepare)
                 text, kept, last, read = cursor.fetchone()
+                if read and not kept:  # over the budget: cut it where it ends
+                    cursor.execute(QUERIES[cut], params, prepare=prepare)
+                    text, kept, last, read = cursor.fetchone()
             if left is not None:
                 left -= kept
             more = (kept < read or read == params["limit"]) and left != 0

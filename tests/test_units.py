@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_queries_load_by_name():
     assert set(inventory.QUERIES) == {
         "page_movies",
-        "page_movies_by_title",
+        "cut_movies",
+        "cut_movies_by_title",
         "get_movie",
         "insert_movie",
         "update_movie",

@@ -118,6 +118,46 @@ def test_lists_of_huge_movies_take_bounded_memory(stack):
     assert peaks["inventory"] < 120 and peaks["gateway"] < 120, peaks
 
 
+@pytest.fixture(scope="module")
+def mixed_movies(movies_db):
+    """300 movies of mixed sizes (0 to 61 KB of JSON) in movies_test: their rows."""
+    with admin_connect(movies_db) as conn:
+        conn.execute("TRUNCATE movies RESTART IDENTITY")
+        conn.execute(
+            "INSERT INTO movies (title, description)"
+            " SELECT CASE WHEN i % 3 = 0 THEN 'Big ' ELSE 'small ' END || i,"
+            "  CASE WHEN i % 3 = 0 THEN repeat(chr(1), 10000 - i)"
+            "       WHEN i % 7 = 0 THEN repeat('\u00e9\"', 2500) ELSE 'd' || i END"
+            " FROM generate_series(1, 300) AS i"
+        )
+        return conn.execute(
+            "SELECT id, title, description FROM movies ORDER BY id"
+        ).fetchall()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    limit=st.none() | st.integers(1, 1000),
+    offset=st.integers(0, 320),
+    title=st.sampled_from([None, "big", "SMALL 1", "2", "zzz"]),
+)
+def test_pages_cut_by_bytes_add_up_to_the_table(
+    inventory, mixed_movies, limit, offset, title
+):
+    # Pages are cut wherever the byte budget ends; the answer is the same list
+    # PostgreSQL holds, in order, whatever the limit, offset and search.
+    query = {"limit": limit, "offset": offset or None, "title": title}
+    path = "/api/movies?" + "&".join(f"{k}={v}" for k, v in query.items() if v)
+    status, body = read_all(inventory.port, path.replace(" ", "%20"))
+    expected = [
+        {"id": i, "title": t, "description": d}
+        for i, t, d in mixed_movies
+        if title is None or title.lower() in t.lower()
+    ][offset:]
+    expected = expected if limit is None else expected[:limit]
+    assert status == 200 and json.loads(body) == expected
+
+
 @pytest.mark.parametrize("char", ["\x01", "\x08", "\x0b", "\x0c", "\x1b", "\x1f"])
 def test_control_characters_in_movies_are_400(inventory, clean_movies, char):
     movie = call(inventory.url, "POST", "/api/movies", {"title": "ok"})[2]

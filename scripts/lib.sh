@@ -408,7 +408,7 @@ try:
         )
 except pika.exceptions.ChannelClosedByBroker as exc:
     sys.exit(f"rabbitmq: {queue} exists with other settings ({exc}); "
-             f"delete it with: rabbitmqctl delete_queue {queue}")
+             f"delete it with: sudo rabbitmqctl delete_queue {queue}")
 print(f"==> rabbitmq: queues {queue} and {dead} declared")
 PY
 }

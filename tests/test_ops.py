@@ -102,3 +102,25 @@ def test_bind_or_exit_is_the_same_in_gateway_and_inventory():
         start = text.index("def bind_or_exit(")
         blocks.append(text[start : text.index("\ndef main():", start)])
     assert blocks[0] == blocks[1]
+
+
+def test_bench_chart_is_svg_with_each_row_beside_its_floor():
+    import xml.etree.ElementTree as ET
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
+
+    runs = {row[0]: {"rate": 1000.0} for row in run.ROWS}
+    runs.update({row[2]: {"rate": 4000.0} for row in run.ROWS if row[2] not in runs})
+    runs["W1d"] = {"rate": 500.0}  # a row above its floor still fits
+    root = ET.fromstring(run.svg(runs, "a <caption> & more"))
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = root.findall(f"{ns}rect")[1:]  # after the white background
+    assert len(bars) == 2 * len(run.ROWS)
+    width = float(root.get("width"))
+    for bar in bars:
+        assert 0 < float(bar.get("x")) + float(bar.get("width")) <= width
+    texts = " ".join(t.text for t in root.iter(f"{ns}text"))
+    assert "W1: GET /api/movies/<id> via the gateway" in texts
+    assert "(200%)" in texts  # W1 at 1,000 against W1d at 500
+    assert "usual" not in texts and "MET" not in texts

@@ -552,12 +552,12 @@ provision_host() {
 # provision NAME...: every host but the last in parallel, then the last (the
 # Vagrantfile lists the gateway last; it waits for the others itself).
 provision() {
-  local name pids=() failed=() last start
-  start=$SECONDS
-  last="${NAMES[-1]}"
+  local name entry last="${NAMES[-1]}" first=() pids=() failed=() start=$SECONDS
   for name in "$@"; do
     sync_repo "$name"
-    [[ "$name" == "$last" ]] && continue
+    [[ "$name" == "$last" ]] || first+=("$name")
+  done
+  for name in "${first[@]}"; do
     log "$name: provisioning with ${HOST_SCRIPT[$name]} (log: $(host_dir "$name")/provision.log)"
     provision_host "$name" &
     pids+=("$!:$name")
@@ -565,17 +565,19 @@ provision() {
   for entry in "${pids[@]}"; do
     wait "${entry%%:*}" || failed+=("${entry#*:}")
   done
+  if ((${#first[@]} > 0)); then
+    log "timing: provision ${first[*]} $((SECONDS - start)) s"
+  fi
   if ((${#failed[@]} == 0)) && [[ " $* " == *" $last "* ]]; then
-    log "timing: provision ${*/$last/} $((SECONDS - start)) s"
     start=$SECONDS
     log "$last: provisioning with ${HOST_SCRIPT[$last]} (log: $(host_dir "$last")/provision.log)"
     provision_host "$last" || failed+=("$last")
+    log "timing: provision $last $((SECONDS - start)) s"
   fi
   for name in "${failed[@]}"; do
     tail -n 40 "$(host_dir "$name")/provision.log" >&2
   done
   ((${#failed[@]} == 0)) || die "provisioning failed on: ${failed[*]}"
-  log "timing: provision $last $((SECONDS - start)) s"
 }
 
 # --- Commands ---

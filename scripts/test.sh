@@ -18,6 +18,10 @@ apt_install iproute2
 apt_install shellcheck
 apt_install vagrant
 apt_install vagrant-libvirt
+# The three Debian hosts of tests/test_hosts.py (scripts/hosts.sh).
+apt_install debootstrap
+apt_install systemd-container
+apt_install nftables
 ensure_node_pm2
 ensure_venv dev
 log "npm: installing newman and swagger-ui-dist (package-lock.json)"

@@ -14,6 +14,7 @@ printed at the end of the run, in a "three hosts" section.
 
 import json
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -34,6 +35,8 @@ GATEWAY_IP = VM_ENV["GATEWAY_HOST"]
 INVENTORY_IP = VM_ENV["INVENTORY_HOST"]
 BILLING_IP = VM_ENV["BILLING_HOST"]
 GATEWAY = f"http://{GATEWAY_IP}:{VM_ENV['GATEWAY_PORT']}"
+# This machine on the hosts' bridge: the reviewer's computer.
+BRIDGE_IP = GATEWAY_IP.rsplit(".", 1)[0] + ".1"
 MOVIES_DB = VM_ENV["INVENTORY_DB_NAME"]
 BILLING_DB = VM_ENV["BILLING_DB_NAME"]
 APP_OF = {
@@ -398,6 +401,15 @@ def test_network_as_designed(three_hosts):
         assert not connects(client, address, 5432), f"{client} reaches {address}:5432"
     assert connects(GATEWAY_VM, BILLING_IP, VM_ENV["RABBITMQ_PORT"])
     figure("network: PostgreSQL :5432 refused from the other hosts")
+
+    # A service of this machine listening on every address is out of the hosts' reach.
+    with socket.create_server(("0.0.0.0", 0)) as server:
+        port = server.getsockname()[1]
+        socket.create_connection((BRIDGE_IP, port), 3).close()
+        assert not connects(GATEWAY_VM, BRIDGE_IP, port)
+    figure(
+        f"network: a listener of this machine on 0.0.0.0 is not reachable at {BRIDGE_IP}"
+    )
 
     for name, allowed in LISTENERS.items():
         found = listeners(name)

@@ -248,6 +248,16 @@ def three_hosts(pytestconfig):
             if line.startswith("==> timing: "):
                 figure("  " + line.removeprefix("==> timing: "))
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        layers = subprocess.run(
+            "du -scm /var/lib/movie-shop/hosts/*/upper | tail -n 1",
+            shell=True,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split()
+        figure(
+            f"  disk used by the three host layers: {layers[0] if layers else '?'} MiB"
+        )
         wait_for(
             lambda: request("GET", "/health") == (200, HEALTHY),
             60,

@@ -11,6 +11,7 @@
 #   scripts/hosts.sh shell NAME          a root login shell inside NAME (vagrant ssh + sudo -i)
 #   scripts/hosts.sh exec NAME -- CMD... run CMD as root inside NAME
 #   scripts/hosts.sh check               exit 3 with the reason if hosts cannot be made here
+#   scripts/hosts.sh env                 the environment each provisioner gets (KEY=VALUE)
 #
 # Each host is `systemd-nspawn --boot` (systemd as PID 1, hostname = VM name) on an
 # overlay of a cached debootstrap of Debian 12, in a network namespace of its own
@@ -650,8 +651,14 @@ main() {
     check_support
     return
   fi
-  [[ "$(id -u)" == 0 ]] || die "run as root: sudo $0 $command"
   load_machines
+  if [[ "$command" == env ]]; then
+    for name in "${VM_ENV_KEYS[@]}"; do
+      printf '%s=%s\n' "$name" "${VM_ENV[$name]}"
+    done
+    return
+  fi
+  [[ "$(id -u)" == 0 ]] || die "run as root: sudo $0 $command"
   case "$command" in
     up | down | provision)
       exec 9>"$LOCK_FILE"

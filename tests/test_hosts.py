@@ -278,6 +278,39 @@ def three_hosts(pytestconfig):
         )
 
 
+# --- One environment for Vagrant and the hosts ---
+
+# Loads the Vagrantfile with a stand-in for Vagrant.configure and prints the
+# environment its shell provisioner gets.
+VAGRANT_PROVISION_ENV = """
+require "json"
+module Vagrant
+  def self.configure(*); end
+end
+load "Vagrantfile"
+puts JSON.generate(PROVISION_ENV)
+"""
+
+
+def test_hosts_get_the_environment_vagrant_passes():
+    """scripts/hosts.sh provisions with exactly the Vagrantfile's PROVISION_ENV."""
+    ruby = subprocess.run(
+        ["ruby", "-e", VAGRANT_PROVISION_ENV],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ruby.returncode == 0, ruby.stderr
+    vagrant = json.loads(ruby.stdout)
+    proc = hosts("env")
+    assert proc.returncode == 0, proc.stderr
+    ours = dict(line.split("=", 1) for line in proc.stdout.splitlines())
+    assert ours == vagrant
+    assert ours["REPO_DIR"] == "/vagrant"
+
+
 # --- The audit, from the reviewer's computer and inside the VMs ---
 
 

@@ -164,7 +164,7 @@ apt_mirror() {
 
 # ensure_base: the cached debootstrap for this package list and mirror; prints its path.
 ensure_base() {
-  local mirror key base tmp
+  local mirror key base tmp old
   mirror="$(apt_mirror | head -n 1)"
   [[ -n "$mirror" ]] || die "no apt source for $SUITE on this machine"
   key="$(printf '%s\n' "$SUITE" "$mirror" "${BASE_PACKAGES[@]}" | sha256sum | cut -c1-16)"
@@ -185,8 +185,12 @@ ensure_base() {
     touch "$tmp/.complete"
     rm -rf "$base"
     mv "$tmp" "$base"
-    # Older bases (another package list) are not used any more.
-    find "$CACHE_DIR" -mindepth 1 -maxdepth 1 -name 'base-*' ! -path "$base" -exec rm -rf {} +
+    # Older bases (another package list) go, unless a running host still uses one.
+    for old in "$CACHE_DIR"/base-*; do
+      if [[ "$old" != "$base" ]] && ! grep -qF "lowerdir=$old," /proc/mounts; then
+        rm -rf "$old"
+      fi
+    done
   fi
   printf '%s\n' "$base"
 }

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 import pika
 from dotenv import load_dotenv
+from pika.adapters.select_connection import IOLoop
 from pika.exceptions import AMQPError
 from pika.spec import Basic
 
@@ -392,38 +393,74 @@ class _Link:
 # --- RabbitMQ publisher ---
 
 
+class _Outgoing:
+    """One order on its way to RabbitMQ, and the future its request waits on."""
+
+    def __init__(self, future, body, properties):
+        self.future, self.body, self.properties = future, body, properties
+        self.retried = False  # published again after declaring the queues
+
+
 class Publisher:
     """Owns the RabbitMQ connection in one thread; others hand it messages.
 
     Messages are published with `mandatory` on a confirming channel, and the
-    caller waits for RabbitMQ's ack: only then is an order safe.
+    caller waits for RabbitMQ's ack: only then is an order safe. A message that
+    comes back unroutable (the queue was deleted) is published once more after
+    declaring the queues again.
     """
 
     def __init__(self, params, queue):
         self.params, self.queue = params, queue
         self.ready = threading.Event()
+        self.problem = "connecting"  # why orders cannot be published now
+        self._stop = threading.Event()
+        self._thread = None
         self._conn = None
         self._channel = None
-        self._pending = {}  # delivery tag -> (future, message id)
+        self._pending = {}  # delivery tag -> _Outgoing
+        self._waiting = []  # returned messages waiting for the queues' declaration
         # Message ids RabbitMQ could not route, counted: two publishes of one
         # Idempotency-Key share a message id.
         self._returned = collections.Counter()
         self._tag = 0
+        self._was_ready = False
 
     def start(self):
-        """Connect in a background thread, reconnecting forever."""
-        threading.Thread(target=self._run, name="publisher", daemon=True).start()
+        """Connect in a background thread, reconnecting until stop()."""
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Close the connection and end the thread (main() calls it at exit)."""
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            conn.ioloop.add_callback_threadsafe(self._close)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def status(self):
+        """None while orders can be published, else why not (for /health)."""
+        if self._thread is None or not self._thread.is_alive():
+            return "publisher not running"
+        return None if self.ready.is_set() else self.problem
 
     def publish(self, body, message_id):
         """Publish body and wait for the confirm; ApiError 503 if it fails."""
         future = concurrent.futures.Future()
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id=message_id,
+            timestamp=int(time.time()),
+        )
+        outgoing = _Outgoing(future, body, properties)
         conn = self._conn
         if conn is None or not self.ready.is_set():
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "message broker unavailable")
         try:
-            conn.ioloop.add_callback_threadsafe(
-                lambda: self._send(body, message_id, future)
-            )
+            conn.ioloop.add_callback_threadsafe(lambda: self._send(outgoing))
             future.result(timeout=PUBLISH_TIMEOUT)
         except concurrent.futures.TimeoutError:
             raise ApiError(
@@ -436,54 +473,76 @@ class Publisher:
             ) from None
 
     def _run(self):
-        """Connection loop: connect, serve the ioloop, back off, repeat."""
+        """Connection loop: connect, serve the ioloop, back off, repeat.
+
+        Nothing ends it but stop(): an error while connecting (out of file
+        descriptors, say) is logged and retried like a refused connection.
+        """
         delay = 0.5
-        while True:
-            conn = pika.SelectConnection(
+        while not self._stop.is_set():
+            self._was_ready = False
+            try:
+                self._serve()
+            except Exception as exc:
+                log.exception("publisher failed")
+                self.problem = f"publisher failed: {exc}"
+            self.ready.clear()
+            self._conn = self._channel = None
+            self._fail_all("connection lost")
+            delay = 0.5 if self._was_ready else min(delay * 2, 5)
+            self._stop.wait(delay)
+
+    def _serve(self):
+        """Open one connection and run its ioloop until the connection ends."""
+        ioloop = IOLoop()
+        try:
+            self._conn = pika.SelectConnection(
                 self.params,
                 on_open_callback=self._on_open,
                 on_open_error_callback=self._on_open_error,
                 on_close_callback=self._on_closed,
+                custom_ioloop=ioloop,
             )
-            self._conn = conn
-            try:
-                conn.ioloop.start()
-            except Exception:
-                log.exception("publisher loop failed")
-            was_ready = self.ready.is_set()
-            self.ready.clear()
-            self._conn = self._channel = None
-            self._fail_all("connection lost")
-            delay = 0.5 if was_ready else min(delay * 2, 5)
-            time.sleep(delay)
+            ioloop.start()
+        finally:
+            self._conn = None
+            ioloop.close()  # its epoll and wake-up sockets, else leaked each time
+
+    def _close(self):
+        """Close the connection (stop() asks, in the ioloop thread)."""
+        conn = self._conn
+        if conn is not None and not (conn.is_closing or conn.is_closed):
+            conn.close()
 
     def _on_open(self, conn):
+        """pika: the connection is open; open a channel next."""
         conn.channel(on_open_callback=self._on_channel)
 
     def _on_open_error(self, conn, error):
+        """pika: the connection could not be opened; _run backs off and retries."""
         log.warning("RabbitMQ unreachable: %s", error)
+        self.problem = f"unreachable: {error}"
         conn.ioloop.stop()
 
     def _on_closed(self, conn, reason):
+        """pika: an open connection closed; _run reconnects."""
         log.warning("RabbitMQ connection closed: %s", reason)
+        self.ready.clear()
+        self.problem = f"connection closed: {reason}"
         conn.ioloop.stop()
 
     def _on_channel(self, channel):
+        """pika: the channel is open; turn on confirms, then declare the queues."""
         self._tag = 0
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(
-            self._on_confirm, callback=lambda _: self._declare(channel)
+            self._on_confirm,
+            callback=lambda _: self._declare(channel, lambda: self._on_ready(channel)),
         )
 
-    def _declare(self, channel):
-        """Declare the dead-letter queue, then the queue; both durable."""
-
-        def on_queue(_frame):
-            self._channel = channel
-            self.ready.set()
-            log.info("publishing to queue %s", self.queue)
-
+    def _declare(self, channel, then):
+        """Declare the dead-letter queue, then the queue (both durable); then then()."""
         channel.queue_declare(
             f"{self.queue}.dead",
             durable=True,
@@ -491,68 +550,93 @@ class Publisher:
                 self.queue,
                 durable=True,
                 arguments=queue_arguments(self.queue),
-                callback=on_queue,
+                callback=lambda _: then(),
             ),
         )
 
+    def _on_ready(self, channel):
+        """The queues exist: take orders."""
+        self._channel = channel
+        self._was_ready = True
+        self.ready.set()
+        log.info("publishing to queue %s", self.queue)
+
     def _on_channel_closed(self, channel, reason):
+        """pika: the channel closed (a failed declaration, say): reconnect."""
         log.warning("RabbitMQ channel closed: %s", reason)
         self.ready.clear()
+        self.problem = f"channel closed: {reason}"
         self._channel = None
         self._fail_all("channel closed")
         if self._conn is not None and self._conn.is_open:
             self._conn.close()
 
-    def _send(self, body, message_id, future):
+    def _send(self, outgoing):
         """Publish one message (runs in the ioloop thread)."""
         if self._channel is None:
-            future.set_exception(ConnectionError("not connected"))
+            outgoing.future.set_exception(ConnectionError("not connected"))
             return
-        properties = pika.BasicProperties(
-            content_type="application/json",
-            delivery_mode=2,
-            message_id=message_id,
-            timestamp=int(time.time()),
-        )
         self._tag += 1
-        self._pending[self._tag] = (future, message_id)
+        self._pending[self._tag] = outgoing
         try:
             self._channel.basic_publish(
-                "", self.queue, body, properties, mandatory=True
+                "", self.queue, outgoing.body, outgoing.properties, mandatory=True
             )
         except AMQPError as exc:
             self._pending.pop(self._tag, None)
-            future.set_exception(exc)
+            outgoing.future.set_exception(exc)
 
     def _on_return(self, channel, method, properties, body):
+        """pika: RabbitMQ could not route a message (its ack follows)."""
         self._returned[properties.message_id] += 1
 
     def _on_confirm(self, frame):
-        """Settle the futures an ack or nack covers."""
+        """Settle the futures an ack or nack covers; retry returned ones once."""
         method = frame.method
         if method.multiple:
             tags = [t for t in self._pending if t <= method.delivery_tag]
         else:
             tags = [method.delivery_tag]
         for tag in tags:
-            future, message_id = self._pending.pop(tag, (None, None))
-            if future is None:
+            outgoing = self._pending.pop(tag, None)
+            if outgoing is None:
                 continue
+            message_id = outgoing.properties.message_id
             if self._returned[message_id]:
                 self._returned -= collections.Counter([message_id])
-                future.set_exception(ConnectionError("message was unroutable"))
+                if outgoing.retried:
+                    outgoing.future.set_exception(
+                        ConnectionError("message was unroutable")
+                    )
+                else:
+                    self._redeclare(outgoing)
             elif isinstance(method, Basic.Ack):
-                future.set_result(None)
+                outgoing.future.set_result(None)
             else:
-                future.set_exception(ConnectionError("message was nacked"))
+                outgoing.future.set_exception(ConnectionError("message was nacked"))
+
+    def _redeclare(self, outgoing):
+        """Declare the queues again (someone deleted them), then resend outgoing."""
+        self._waiting.append(outgoing)
+        if len(self._waiting) == 1:  # else a declaration is already on its way
+            log.warning("queue %s is gone: declaring it again", self.queue)
+            self._declare(self._channel, self._on_redeclared)
+
+    def _on_redeclared(self):
+        """The queues exist again: publish the returned messages once more."""
+        waiting, self._waiting = self._waiting, []
+        for outgoing in waiting:
+            outgoing.retried = True
+            self._send(outgoing)
 
     def _fail_all(self, reason):
         """Fail every unconfirmed publish (the caller answers 503)."""
-        pending, self._pending = self._pending, {}
+        waiting = [*self._pending.values(), *self._waiting]
+        self._pending, self._waiting = {}, []
         self._returned.clear()
-        for future, _ in pending.values():
-            if not future.done():
-                future.set_exception(ConnectionError(reason))
+        for outgoing in waiting:
+            if not outgoing.future.done():
+                outgoing.future.set_exception(ConnectionError(reason))
 
 
 # --- Handlers ---
@@ -595,8 +679,9 @@ def health(req):
             report["inventory"] = f"answers {status}"
     except ApiError as exc:
         report["inventory"] = exc.message
-    if not req.server.publisher.ready.is_set():
-        report["rabbitmq"] = "unreachable"
+    problem = req.server.publisher.status()
+    if problem is not None:
+        report["rabbitmq"] = problem
     if report["inventory"] != "ok" or report["rabbitmq"] != "ok":
         report["status"] = "degraded"
         return HTTPStatus.SERVICE_UNAVAILABLE, report
@@ -1070,6 +1155,7 @@ def main():
     server.serve_forever()
     server.finish(SHUTDOWN_GRACE)
     server.server_close()
+    publisher.stop()
     log.info("gateway stopped")
 
 

@@ -21,6 +21,7 @@ if __name__ == "__main__":
     # resident. Both work without it, as on a Python built without ssl.
     sys.modules.setdefault("ssl", None)
 
+import contextlib
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from urllib.parse import urlsplit
 import psycopg
 from dotenv import load_dotenv
 from psycopg_pool import ConnectionPool
+from psycopg_pool import PoolTimeout
 
 log = logging.getLogger("inventory")
 
@@ -57,7 +59,12 @@ MAX_HEAD = 64 * 1024
 SHUTDOWN_GRACE = 3  # seconds for requests in flight at SIGTERM (PM2 kills at 5)
 MAX_CONNECTIONS = 512  # open client connections, one thread each
 DB_WAIT = 4  # seconds to wait for a database connection before answering 503
+POOL_SIZE = 4  # enough to keep PostgreSQL busy; more only costs memory
 STREAM_PAGE = 2000  # movies per page of a streamed list; shorter lists are not
+PAGE_BYTES = 1024 * 1024  # JSON per page, at most (plus one movie): memory per list
+# Control characters a title or description may not hold: C0 but tab, LF and CR
+# (PostgreSQL's JSON spells each other one \u00XX: 6 bytes for 1).
+_FORBIDDEN_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 # --- Config ---
 
@@ -125,7 +132,7 @@ class Database:
         self.pool = ConnectionPool(
             conninfo,
             min_size=2,
-            max_size=4,  # enough to keep PostgreSQL busy; more only costs memory
+            max_size=POOL_SIZE,
             timeout=DB_WAIT,
             kwargs={"autocommit": True},
             check=_check_connection,
@@ -133,6 +140,8 @@ class Database:
             reconnect_timeout=0,  # keep trying forever while the database is down
             open=False,
         )
+        self._lent = 0  # connections out of the pool right now
+        self._lock = threading.Lock()
 
     def open(self):
         """Start the pool without waiting: requests get 503 until it connects."""
@@ -142,14 +151,39 @@ class Database:
         """Close every connection."""
         self.pool.close()
 
-    def row(self, name, **params):
-        """Run a named query and return its first row (or None)."""
+    @contextlib.contextmanager
+    def connection(self):
+        """Lend a pooled connection; 503 when none comes within DB_WAIT."""
         try:
             with self.pool.connection() as conn:
-                return conn.execute(QUERIES[name], params).fetchone()
+                with self._lock:
+                    self._lent += 1
+                try:
+                    yield conn
+                finally:
+                    with self._lock:
+                        self._lent -= 1
+        except PoolTimeout:
+            if self._lent < POOL_SIZE:
+                log.warning("database unavailable: no connection in %s s", DB_WAIT)
+                raise ApiError(
+                    HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable"
+                ) from None
+            # Every connection is serving another request: the database is up.
+            log.warning("database busy: all %s connections in use", POOL_SIZE)
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "database busy, try again",
+                {"Retry-After": "1"},
+            ) from None
         except psycopg.OperationalError as exc:
             log.warning("database unavailable: %s", exc)
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
+
+    def row(self, name, **params):
+        """Run a named query and return its first row (or None)."""
+        with self.connection() as conn:
+            return conn.execute(QUERIES[name], params).fetchone()
 
     def one(self, name, **params):
         """Run a named query and return the first column of its first row."""
@@ -157,30 +191,37 @@ class Database:
         return None if row is None else row[0]
 
     def pages(self, pattern, offset, limit):
-        """Yield (JSON array bytes, row count) pages of up to `limit` movies.
+        """Yield (JSON bytes, more) pages: all movies, or `limit` of them.
 
-        Pages follow each other by id (keyset), each built by PostgreSQL, on
-        one connection held until the generator ends: memory stays flat
-        whatever the table size.
+        The first page starts with "[", each next one with ","; the caller
+        closes the array. Pages follow each other by id (keyset), each built by
+        PostgreSQL on a connection that goes back to the pool before the page is
+        yielded, so a client that reads slowly never holds one. A page is at
+        most STREAM_PAGE movies and PAGE_BYTES of JSON (plus one movie): memory
+        stays flat whatever the table and the movies.
         """
         name = "page_movies" if pattern is None else "page_movies_by_title"
-        params = {"pattern": pattern, "after": 0, "offset": offset, "limit": limit}
+        params = {"pattern": pattern, "after": 0, "offset": offset, "lead": "["}
+        params["budget"] = PAGE_BYTES
         # A title search is planned for its pattern every time: a generic plan
         # walks the primary key instead of the trigram index (150 ms at 10,000
         # movies instead of 0.2 ms).
         prepare = None if pattern is None else False
-        try:
-            with self.pool.connection() as conn:
-                while True:
-                    cursor = conn.execute(QUERIES[name], params, prepare=prepare)
-                    text, count, last = cursor.fetchone()
-                    yield text, count
-                    if count < limit:
-                        return
-                    params.update(after=last, offset=0)
-        except psycopg.OperationalError as exc:
-            log.warning("database unavailable: %s", exc)
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
+        left = limit
+        while True:
+            params["limit"] = STREAM_PAGE if left is None else min(left, STREAM_PAGE)
+            # Closing the cursor frees libpq's copy of the page before the yield.
+            with self.connection() as conn, conn.cursor() as cursor:
+                cursor.execute(QUERIES[name], params, prepare=prepare)
+                text, kept, last, read = cursor.fetchone()
+            if left is not None:
+                left -= kept
+            more = (kept < read or read == params["limit"]) and left != 0
+            if text is not None or params["lead"] == "[":
+                yield text or b"[", more
+            if not more:
+                return
+            params.update(after=last, offset=0, lead=",")
 
 
 # --- Errors and validation ---
@@ -189,9 +230,10 @@ class Database:
 class ApiError(Exception):
     """An error answered to the client as {"error": message}."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, headers=None):
         super().__init__(message)
         self.status, self.message = status, message
+        self.headers = headers or {}
 
 
 def _bad(message):
@@ -199,8 +241,8 @@ def _bad(message):
     return ApiError(HTTPStatus.BAD_REQUEST, message)
 
 
-def check_text(value, field, limit, required):
-    """Validate one string field; return it unchanged."""
+def check_text(value, field, limit, required, stored=True):
+    """Validate one string field (to be stored, or searched); return it unchanged."""
     if not isinstance(value, str):
         raise _bad(f"'{field}' must be a string")
     if len(value) > limit:
@@ -209,6 +251,8 @@ def check_text(value, field, limit, required):
         raise _bad(f"'{field}' must not be empty")
     if "\x00" in value:
         raise _bad(f"'{field}' must not contain NUL characters")
+    if stored and _FORBIDDEN_CONTROL.search(value):
+        raise _bad(f"'{field}' must not contain control characters but tab, LF, CR")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -272,23 +316,22 @@ def list_movies(req):
     title = req.query.get("title")
     pattern = None
     if title:
-        pattern = like_pattern(check_text(title, "title", MAX_TITLE, required=False))
+        text = check_text(title, "title", MAX_TITLE, required=False, stored=False)
+        pattern = like_pattern(text)
     limit = parse_count(req.query, "limit", 1, MAX_LIMIT)
     offset = parse_count(req.query, "offset", 0, MAX_DB_INT) or 0
-    pages = req.db.pages(pattern, offset, limit or STREAM_PAGE)
-    text, count = next(pages)
-    if limit is not None or count < STREAM_PAGE:
-        pages.close()
-        return HTTPStatus.OK, text
-    return HTTPStatus.OK, _json_array(text, pages)
+    pages = req.db.pages(pattern, offset, limit)
+    first, more = next(pages)
+    if not more:
+        return HTTPStatus.OK, first + b"]"
+    return HTTPStatus.OK, _json_array(first, pages)
 
 
 def _json_array(first, rest):
-    """Yield the pieces of one JSON array made of JSON-array pages."""
-    yield first[:-1]
-    for text, count in rest:
-        if count:
-            yield b"," + text[1:-1]
+    """Yield the pages of one JSON array as they come, then its end."""
+    yield first
+    for text, _ in rest:
+        yield text
     yield b"]"
 
 
@@ -607,7 +650,7 @@ class Handler(BaseHTTPRequestHandler):
             result = handler(self, **params)
             status, payload, headers = (*result, {})[:3]
         except ApiError as exc:
-            status, payload, headers = exc.status, {"error": exc.message}, {}
+            status, payload, headers = exc.status, {"error": exc.message}, exc.headers
             if exc.status == HTTPStatus.METHOD_NOT_ALLOWED:
                 headers = {"Allow": exc.allow}
         except Exception:

@@ -2,26 +2,49 @@
 -- PostgreSQL, so the service never decodes and re-encodes rows.
 
 -- name: page_movies
--- Up to %(limit)s movies with id > %(after)s (after skipping %(offset)s), as one
--- JSON array, with the row count and the last id (where the next page starts).
-SELECT coalesce(json_agg(m ORDER BY m.id), '[]')::text, count(*), max(m.id)
+-- Up to %(limit)s movies with id > %(after)s (after skipping %(offset)s), cut
+-- before the movie whose JSON could pass %(budget)s bytes (the first is always
+-- kept): %(lead)s followed by their JSON objects joined by commas, how many
+-- were kept, the last id kept (where the next page starts) and how many were
+-- read (more than kept: the page was cut). A movie's JSON is at most 6 bytes
+-- per byte of text (a control character becomes \u00XX) plus 64 for the rest,
+-- so the budget holds whatever the text; rows past the cut are never encoded.
+SELECT %(lead)s || string_agg(row_to_json(s.m)::text, ',' ORDER BY (s.m).id)
+           FILTER (WHERE s.before < %(budget)s),
+       count(*) FILTER (WHERE s.before < %(budget)s),
+       max((s.m).id) FILTER (WHERE s.before < %(budget)s),
+       count(*)
 FROM (
-    SELECT id, title, description FROM movies
-    WHERE id > %(after)s
-    ORDER BY id
-    LIMIT %(limit)s OFFSET %(offset)s
-) AS m;
+    SELECT m, sum(size) OVER (ORDER BY m.id) - size AS before
+    FROM (
+        SELECT id, title, description FROM movies
+        WHERE id > %(after)s
+        ORDER BY id
+        LIMIT %(limit)s OFFSET %(offset)s
+    ) AS m,
+    LATERAL (SELECT 6 * (octet_length(m.title) + octet_length(m.description)) + 64)
+        AS z (size)
+) AS s;
 
 -- name: page_movies_by_title
 -- The same, for titles matching an ILIKE pattern (served by the trigram index;
 -- run unprepared, see Database.pages).
-SELECT coalesce(json_agg(m ORDER BY m.id), '[]')::text, count(*), max(m.id)
+SELECT %(lead)s || string_agg(row_to_json(s.m)::text, ',' ORDER BY (s.m).id)
+           FILTER (WHERE s.before < %(budget)s),
+       count(*) FILTER (WHERE s.before < %(budget)s),
+       max((s.m).id) FILTER (WHERE s.before < %(budget)s),
+       count(*)
 FROM (
-    SELECT id, title, description FROM movies
-    WHERE id > %(after)s AND title ILIKE %(pattern)s
-    ORDER BY id
-    LIMIT %(limit)s OFFSET %(offset)s
-) AS m;
+    SELECT m, sum(size) OVER (ORDER BY m.id) - size AS before
+    FROM (
+        SELECT id, title, description FROM movies
+        WHERE id > %(after)s AND title ILIKE %(pattern)s
+        ORDER BY id
+        LIMIT %(limit)s OFFSET %(offset)s
+    ) AS m,
+    LATERAL (SELECT 6 * (octet_length(m.title) + octet_length(m.description)) + 64)
+        AS z (size)
+) AS s;
 
 -- name: get_movie
 SELECT row_to_json(m)::text

@@ -330,10 +330,14 @@ def test_order_kept_when_queue_never_declared(fresh_gateway):
 
 
 def test_unroutable_orders_are_503_even_with_one_key(fresh_gateway):
-    # The queue vanishes under a running gateway: RabbitMQ returns each
+    # The queue vanishes under a running gateway and cannot be declared again
+    # (its dead-letter queue now has other arguments): RabbitMQ returns each
     # publish, and attempts sharing a message id must all be refused.
     gateway, queue = fresh_gateway
     delete_queues(queue)
+    conn, channel = rabbit_channel()
+    channel.queue_declare(f"{queue}.dead", durable=True, arguments={"x-max-length": 5})
+    conn.close()
 
     def post(_):
         headers = {"Idempotency-Key": "same"}

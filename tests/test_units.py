@@ -149,12 +149,17 @@ def test_routes_match_trailing_slash():
 
 def test_publisher_fails_every_returned_publish_of_one_message_id():
     # Two publishes share a message id (one Idempotency-Key); RabbitMQ returns
-    # both, then acks them together: neither may be reported as stored.
+    # both (already published again after declaring the queue), then acks them
+    # together: neither may be reported as stored.
     publisher = gateway.Publisher(params=None, queue="q")
     futures = [concurrent.futures.Future() for _ in range(3)]
-    publisher._pending = {1: (futures[0], "key:1:k"), 2: (futures[1], "key:1:k")}
-    publisher._pending[3] = (futures[2], "other")
     properties = pika.BasicProperties(message_id="key:1:k")
+    publisher._pending = {
+        tag: gateway._Outgoing(future, b"{}", pika.BasicProperties(message_id=mid))
+        for tag, future, mid in zip((1, 2, 3), futures, ("key:1:k", "key:1:k", "o"))
+    }
+    for outgoing in publisher._pending.values():
+        outgoing.retried = True
     for _ in range(2):
         publisher._on_return(None, None, properties, b"{}")
     ack = types.SimpleNamespace(method=pika.spec.Basic.Ack(3, multiple=True))

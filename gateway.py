@@ -1110,6 +1110,21 @@ class Handler(BaseHTTPRequestHandler):
 # --- Main ---
 
 
+def bind_or_exit(server_class, prefix, config, *args):
+    """server_class((HOST, PORT), *args); one line naming the fix if it cannot bind."""
+    host, port = config[f"{prefix}_HOST"], config[f"{prefix}_PORT"]
+    try:
+        return server_class((host, int(port)), *args)
+    except OSError as exc:
+        name = prefix.lower()
+        sys.exit(
+            f"{name}: {prefix}_HOST={host} {prefix}_PORT={port}: "
+            f"{exc.strerror or exc}. .env holds the VM's address; to run on this "
+            f"machine: {prefix}_HOST=127.0.0.1 python {name}.py (and another "
+            f"{prefix}_PORT if that one is in use)"
+        )
+
+
 def main():
     """Connect to RabbitMQ in the background and serve until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -1138,9 +1153,7 @@ def main():
         int(config["INVENTORY_PORT"]),
         float(config["INVENTORY_TIMEOUT"]),
     )
-    server = Server(
-        (config["GATEWAY_HOST"], int(config["GATEWAY_PORT"])), upstream, publisher
-    )
+    server = bind_or_exit(Server, "GATEWAY", config, upstream, publisher)
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -808,6 +808,21 @@ def _parse_query(query):
 # --- Main ---
 
 
+def bind_or_exit(server_class, prefix, config, *args):
+    """server_class((HOST, PORT), *args); one line naming the fix if it cannot bind."""
+    host, port = config[f"{prefix}_HOST"], config[f"{prefix}_PORT"]
+    try:
+        return server_class((host, int(port)), *args)
+    except OSError as exc:
+        name = prefix.lower()
+        sys.exit(
+            f"{name}: {prefix}_HOST={host} {prefix}_PORT={port}: "
+            f"{exc.strerror or exc}. .env holds the VM's address; to run on this "
+            f"machine: {prefix}_HOST=127.0.0.1 python {name}.py (and another "
+            f"{prefix}_PORT if that one is in use)"
+        )
+
+
 def main():
     """Start the pool and serve until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -829,7 +844,7 @@ def main():
         )
     )
     db.open()
-    server = Server((config["INVENTORY_HOST"], int(config["INVENTORY_PORT"])), db)
+    server = bind_or_exit(Server, "INVENTORY", config, db)
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
 # Stop and remove the three apps that ./scripts/up.sh started under root's PM2.
 # PostgreSQL and RabbitMQ keep running; their data stays. Safe to run again.
+#
+#   sudo ./scripts/down.sh --purge
+# also removes everything else up.sh left on this machine: the databases of
+# the roles from .env (the stack's, and the copies the tests and the benchmark
+# made) and the roles, their pg_hba.conf lines, conf.d/50-movie-shop.conf, the
+# RabbitMQ user and queue from .env, venv/, logs/ and node_modules/, and, when
+# no other app is left in root's PM2, the PM2 daemon, its home and the pm2-root
+# boot service. It leaves the packages installed (README: "Removing it all").
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -9,15 +17,135 @@ export REPO_DIR
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$REPO_DIR/scripts/lib.sh"
 
-if ! command -v pm2 >/dev/null; then
-  log "pm2 is not installed: nothing to stop"
+case "${1:-}" in
+  "") purge=0 ;;
+  --purge) purge=1 ;;
+  *) die "usage: sudo $0 [--purge]" ;;
+esac
+[[ "$(id -u)" == 0 ]] || die "run as root (the apps run under root's PM2): sudo $0 $*"
+load_env "$REPO_DIR/.env"
+
+# purge_pm2: the daemon, its home and its boot service, if no other app uses them.
+purge_pm2() {
+  if [[ "$(pm2 jlist 2>/dev/null)" != "[]" ]]; then
+    log "pm2: other apps remain in $PM2_HOME; keeping the daemon and pm2-root"
+    return 0
+  fi
+  if is_systemd && systemctl cat pm2-root >/dev/null 2>&1; then
+    log "pm2: removing the pm2-root boot service"
+    pm2 unstartup systemd -u root --hp "$(dirname "$PM2_HOME")" >/dev/null
+  fi
+  log "pm2: stopping the daemon, removing $PM2_HOME"
+  pm2 kill >/dev/null
+  rm -rf -- "$PM2_HOME"
+}
+
+# purge_postgres: every database the two roles own, the roles, their pg_hba lines.
+purge_postgres() {
+  local role db hba rules=() found
+  command -v pg_lsclusters >/dev/null || return 0
+  start_postgres
+  for role in "$INVENTORY_DB_USER" "$BILLING_DB_USER"; do
+    require_identifier "$role"
+    while read -r db; do
+      [[ -n "$db" ]] || continue
+      log "postgresql: dropping database $db (owned by $role)"
+      psql_admin -d postgres -c "DROP DATABASE \"$db\" WITH (FORCE)"
+    done < <(psql_admin -At -c "SELECT datname FROM pg_database d
+      JOIN pg_roles r ON r.oid = d.datdba WHERE r.rolname = '$role'")
+    if [[ -n "$(psql_admin -At -c "SELECT 1 FROM pg_roles WHERE rolname = '$role'")" ]]; then
+      # Objects or grants the role still has in other databases go first.
+      while read -r db; do
+        psql_admin -d "$db" -c "DROP OWNED BY $role"
+      done < <(psql_admin -At -c "SELECT datname FROM pg_database WHERE datallowconn")
+      log "postgresql: dropping role $role"
+      psql_admin -d postgres -c "DROP ROLE $role"
+    fi
+  done
+  rules=("host    $INVENTORY_DB_NAME    $INVENTORY_DB_USER    127.0.0.1/32    scram-sha-256"
+    "host    $BILLING_DB_NAME    $BILLING_DB_USER    127.0.0.1/32    scram-sha-256")
+  hba="$(psql_admin -At -c "SHOW hba_file")"
+  found="$(grep -cxF -e "${rules[0]}" -e "${rules[1]}" "$hba" || true)"
+  if ((found > 0)); then
+    log "postgresql: removing $found line(s) of $hba"
+    # Each rule came with one identical comment line: drop as many of those.
+    awk -v a="${rules[0]}" -v b="${rules[1]}" -v n="$found" '
+      $0 == a || $0 == b { next }
+      n > 0 && $0 == "# movie-shop: the service logs in with the password from .env" { n--; next }
+      { print }
+    ' "$hba" >"$hba.movie-shop.tmp"
+    cat "$hba.movie-shop.tmp" >"$hba"  # cat keeps the file's owner and mode
+    rm -f "$hba.movie-shop.tmp"
+    psql_admin -At -c "SELECT pg_reload_conf()" >/dev/null
+  fi
+  restore_file /etc/postgresql/*/main/conf.d/50-movie-shop.conf
+}
+
+# purge_rabbitmq: the queue pair and the user from .env (never guest).
+purge_rabbitmq() {
+  local queue
+  command -v rabbitmqctl >/dev/null && rabbitmq_running || return 0
+  for queue in "$RABBITMQ_QUEUE" "$RABBITMQ_QUEUE.dead"; do
+    if rabbitmqctl -q list_queues name | grep -qxF -- "$queue"; then
+      log "rabbitmq: deleting queue $queue"
+      rabbitmqctl -q delete_queue "$queue" >/dev/null
+    fi
+  done
+  if [[ "$RABBITMQ_USER" != guest ]] &&
+    rabbitmqctl -q list_users | cut -f1 | grep -qxF -- "$RABBITMQ_USER"; then
+    log "rabbitmq: deleting user $RABBITMQ_USER"
+    rabbitmqctl -q delete_user "$RABBITMQ_USER" >/dev/null
+  fi
+  if grep -qs "Managed by scripts/billing.sh" /etc/rabbitmq/rabbitmq.conf; then
+    restore_file /etc/rabbitmq/rabbitmq.conf
+    if is_systemd; then
+      systemctl restart rabbitmq-server
+    fi
+  fi
+}
+
+# restore_file PATH...: put back PATH.orig that write_file saved, or remove PATH.
+restore_file() {
+  local path
+  for path in "$@"; do
+    [[ -f "$path" ]] || continue
+    if [[ -f "$path.orig" ]]; then
+      log "restoring $path from $path.orig"
+      mv -f -- "$path.orig" "$path"
+    else
+      log "removing $path"
+      rm -f -- "$path"
+    fi
+  done
+}
+
+if command -v pm2 >/dev/null; then
+  for app in api_gateway billing_app inventory_app; do
+    if pm2 describe "$app" >/dev/null 2>&1; then
+      log "pm2: deleting $app"
+      pm2 delete "$app" >/dev/null
+    fi
+  done
+  pm2 save --force >/dev/null
+  if ((purge)); then
+    purge_pm2
+  fi
+else
+  log "pm2 is not installed: no app to stop"
+fi
+if ((purge == 0)); then
+  log "stopped; sudo ./scripts/up.sh starts the stack again"
   exit 0
 fi
-for app in api_gateway billing_app inventory_app; do
-  if pm2 describe "$app" >/dev/null 2>&1; then
-    log "pm2: deleting $app"
-    pm2 delete "$app" >/dev/null
+
+require_env INVENTORY_DB_NAME INVENTORY_DB_USER BILLING_DB_NAME BILLING_DB_USER \
+  RABBITMQ_USER RABBITMQ_QUEUE
+purge_postgres
+purge_rabbitmq
+for dir in "$VENV_ROOT" "$LOG_DIR" "$REPO_DIR/node_modules"; do
+  if [[ -d "$dir" && "$dir" == /?*/* ]]; then
+    log "removing $dir"
+    rm -rf -- "$dir"
   fi
 done
-pm2 save --force >/dev/null
-log "stopped; ./scripts/up.sh starts the stack again"
+log "purged; left installed: postgresql, rabbitmq-server, nodejs, npm, pm2 (README)"

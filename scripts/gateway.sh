@@ -32,4 +32,4 @@ for ((i = 0; i < 30; i++)); do
   fi
   sleep 1
 done
-log "warning: $url does not answer yet; see 'pm2 logs api_gateway'"
+log "warning: $url does not answer yet; see: sudo pm2 logs api_gateway --lines 30"

@@ -37,23 +37,79 @@ die() {
 
 # --- Settings ---
 
-# load_env [FILE]: export KEY=VALUE lines of FILE (default .env) that are not set yet.
+# load_env [FILE]: export the settings of FILE (default .env) that the
+# environment does not set yet. The grammar is python-dotenv's, which the
+# services use, narrowed so that this function, the Vagrantfile's read_env and
+# the services read every line alike (README, "Settings"); a line outside it
+# stops with its number rather than be read another way.
 load_env() {
-  local file="${1:-$REPO_DIR/.env}" line key value
+  local file="${1:-$REPO_DIR/.env}" line number=0 name
+  local -A values=()
   [[ -f "$file" ]] || return 0
+  if grep -qaP '\x00' "$file"; then
+    die "$file: a NUL byte"
+  fi
   while IFS= read -r line || [[ -n "$line" ]]; do
-    line="${line%$'\r'}"
-    [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
-    [[ "$line" =~ ^[[:space:]]*(export[[:space:]]+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || continue
-    key="${BASH_REMATCH[2]}"
-    value="${BASH_REMATCH[3]}"
-    if [[ "$value" =~ ^\"(.*)\"$ || "$value" =~ ^\'(.*)\'$ ]]; then
-      value="${BASH_REMATCH[1]}"
-    fi
-    if [[ -z "${!key+x}" ]]; then
-      export "$key=$value"
-    fi
+    number=$((number + 1))
+    env_line "${line%$'\r'}" || die "$file line $number: $ENV_ERROR"
+    [[ -n "$ENV_NAME" ]] && values[$ENV_NAME]="$ENV_VALUE"
   done <"$file"
+  for name in "${!values[@]}"; do
+    [[ -n "${!name+x}" ]] || export "$name=${values[$name]}"
+  done
+}
+
+# env_line LINE: set ENV_NAME and ENV_VALUE from one .env line (ENV_NAME empty
+# for a comment, a blank line or a name without '='); false with ENV_ERROR set
+# for a line outside the grammar.
+env_line() {
+  local LC_ALL=C line="$1" rest quote not_text=$'[^\t[:print:]]'
+  ENV_NAME="" ENV_VALUE="" ENV_ERROR=""
+  [[ "$line" =~ ^[[:blank:]]*(#|$) ]] && return 0
+  if [[ "$line" =~ $not_text ]]; then
+    ENV_ERROR="only printable ASCII and tabs are allowed (a lone CR, a non-ASCII byte?)"
+    return 1
+  fi
+  if [[ "$line" == *"\${"* ]]; then
+    ENV_ERROR="'\${' is not supported (python-dotenv would expand it)"
+    return 1
+  fi
+  [[ "$line" =~ ^[[:blank:]]*(export[[:blank:]]+)?(.*)$ ]]
+  if [[ ! "${BASH_REMATCH[2]}" =~ ^([A-Za-z_][A-Za-z0-9_]*)[[:blank:]]*(.*)$ ]]; then
+    ENV_ERROR="expected NAME=value"
+    return 1
+  fi
+  rest="${BASH_REMATCH[2]}"
+  [[ -z "$rest" || "$rest" == "#"* ]] && return 0  # a name alone: no value
+  if [[ "$rest" != "="* ]]; then
+    ENV_ERROR="expected NAME=value"
+    return 1
+  fi
+  ENV_NAME="${BASH_REMATCH[1]}"
+  rest="${rest#=}"
+  [[ "$rest" =~ ^[[:blank:]]+# ]] && return 0  # NAME= # comment: empty
+  rest="${rest#"${rest%%[![:blank:]]*}"}"
+  quote="${rest:0:1}"
+  if [[ "$quote" == "'" || "$quote" == '"' ]]; then
+    # Inside quotes a backslash escapes only a backslash or that quote.
+    local re="^${quote}(([^${quote}\\\\]|\\\\[${quote}\\\\])*)${quote}[[:blank:]]*(#.*)?\$"
+    if [[ ! "$rest" =~ $re ]]; then
+      ENV_ERROR="unclosed quote, text after it, or a backslash escape other than \\\\ and \\$quote"
+      return 1
+    fi
+    rest="${BASH_REMATCH[1]}"
+    while [[ "$rest" == *\\* ]]; do
+      ENV_VALUE+="${rest%%\\*}"
+      rest="${rest#*\\}"
+      ENV_VALUE+="${rest:0:1}"
+      rest="${rest:1}"
+    done
+    ENV_VALUE+="$rest"
+  else
+    # Unquoted: a comment starts at the first '#' after a blank; blanks at the end go.
+    rest="${rest%%[[:blank:]]#*}"
+    ENV_VALUE="${rest%"${rest##*[![:blank:]]}"}"
+  fi
 }
 
 # require_env NAME...: stop with the list of settings that are empty or unset.
@@ -352,7 +408,7 @@ try:
         )
 except pika.exceptions.ChannelClosedByBroker as exc:
     sys.exit(f"rabbitmq: {queue} exists with other settings ({exc}); "
-             f"delete it with: rabbitmqctl delete_queue {queue}")
+             f"delete it with: sudo rabbitmqctl delete_queue {queue}")
 print(f"==> rabbitmq: queues {queue} and {dead} declared")
 PY
 }

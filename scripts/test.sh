@@ -18,6 +18,9 @@ apt_install iproute2
 apt_install shellcheck
 apt_install vagrant
 apt_install vagrant-libvirt
+apt_install ruby  # the Vagrantfile's .env reader, tests/test_env_grammar.py
+apt_install chromium  # tests/test_docs_browser.py: /docs in a real browser
+apt_install chromium-driver
 ensure_node_pm2
 ensure_venv dev
 log "npm: installing newman and swagger-ui-dist (package-lock.json)"

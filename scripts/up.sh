@@ -41,21 +41,30 @@ if [[ "$status" != 200 ]]; then
 fi
 
 base="http://$GATEWAY_HOST:$port"
+# Every hint below works when pasted on this machine by a user with sudo rights.
 cat <<TEXT
 
 The stack is up: $(curl -s "$url")
   gateway    $base (docs: $base/docs)
   inventory  http://$INVENTORY_HOST:${INVENTORY_PORT:?}/api/movies
-  databases  $INVENTORY_DB_NAME, $BILLING_DB_NAME (runuser -u postgres -- psql -d $BILLING_DB_NAME)
-  queue      $RABBITMQ_QUEUE (rabbitmqctl list_queues)
+  databases  $INVENTORY_DB_NAME, $BILLING_DB_NAME
+  queue      $RABBITMQ_QUEUE
 
-Try it:
+Try it (on this machine):
   curl -i -X POST $base/api/movies/ -H 'Content-Type: application/json' \\
     -d '{"title": "A new movie", "description": "Very short description"}'
   curl -i $base/api/movies/
   curl -i -X POST $base/api/billing/ -H 'Content-Type: application/json' \\
     -d '{"user_id": "20", "number_of_items": "99", "total_amount": "250"}'
+  sudo -i -u postgres psql -d $BILLING_DB_NAME -c 'TABLE orders;'
+  sudo rabbitmqctl list_queues name messages consumers
 
-PM2: pm2 list | pm2 logs api_gateway | pm2 stop billing_app | pm2 start billing_app
-Stop everything: ./scripts/down.sh
+The apps run under root's PM2, hence sudo:
+  sudo pm2 list
+  sudo pm2 logs api_gateway --lines 20
+  sudo pm2 stop billing_app
+  sudo pm2 start billing_app
+
+Stop the apps:                 sudo ./scripts/down.sh
+Remove everything up.sh made:  sudo ./scripts/down.sh --purge
 TEXT

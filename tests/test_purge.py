@@ -1,0 +1,121 @@
+"""down.sh --purge removes everything up.sh leaves, and nothing else.
+
+Run for real on a throwaway copy of the repository: its own role, database,
+RabbitMQ user and queue names (the environment wins over .env), its own ports
+and its own PM2 daemon (PM2_HOME), so the stack of ./scripts/up.sh and the
+machine's other databases and broker users stay as they are. Slow (up.sh
+creates three virtualenvs and runs npm ci): about a minute.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import admin_connect
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = "*/main/conf.d/50-movie-shop.conf"
+NAMES = {
+    "INVENTORY_DB_NAME": "purge_movies",
+    "INVENTORY_DB_USER": "purge_inventory",
+    "BILLING_DB_NAME": "purge_billing",
+    "BILLING_DB_USER": "purge_billing_user",
+    "RABBITMQ_USER": "purge_mq",
+    "RABBITMQ_QUEUE": "purge_queue",
+}
+
+
+def run(script, env, *args):
+    """Run a script of the copy as root; fail with its output if it fails."""
+    done = subprocess.run(
+        [str(script), *args],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, f"{script.name} {args}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def machine_state(env):
+    """What up.sh may leave behind, as far as it concerns the copy's names."""
+    with admin_connect() as conn:
+        roles = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles")}
+        dbs = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
+        hba_file = conn.execute("SHOW hba_file").fetchone()[0]
+    users = subprocess.run(
+        ["rabbitmqctl", "-q", "list_users"], check=True, capture_output=True, text=True
+    ).stdout.split()
+    queues = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return roles, dbs, Path(hba_file).read_text(), users, queues
+
+
+@pytest.fixture
+def copy(tmp_path):
+    """A copy of the repository without its venv/, logs/ or node_modules/."""
+    target = tmp_path / "repo"
+    skip = shutil.ignore_patterns("venv", "logs", "node_modules", ".git", ".*cache")
+    shutil.copytree(ROOT, target, ignore=skip)
+    env = {**os.environ, **NAMES, "PM2_HOME": str(tmp_path / "pm2")}
+    env.update(GATEWAY_PORT=str(free_port()), INVENTORY_PORT=str(free_port()))
+    # The purge removes this machine-wide file of the project; the stack of
+    # ./scripts/up.sh gets it back.
+    conf = {p: p.read_bytes() for p in Path("/etc/postgresql").glob(CONF)}
+    yield target, env
+    for path, text in conf.items():
+        path.write_bytes(text)
+    # Whatever the test left: try the purge again, then the PM2 daemon.
+    subprocess.run(
+        [str(target / "scripts" / "down.sh"), "--purge"], env=env, check=False
+    )
+    subprocess.run(["pm2", "kill"], env=env, check=False, capture_output=True)
+
+
+def test_purge_removes_what_up_sh_left_and_nothing_else(copy):
+    repo, env = copy
+    before = machine_state(env)
+    run(repo / "scripts" / "up.sh", env)
+    roles, dbs, hba, users, queues = machine_state(env)
+    assert {"purge_inventory", "purge_billing_user"} <= roles
+    assert {"purge_movies", "purge_billing"} <= dbs
+    assert "host    purge_movies    purge_inventory    127.0.0.1/32" in hba
+    assert "purge_mq" in users
+    assert "purge_queue" in queues
+    for name in ("venv", "logs", "node_modules"):
+        assert (repo / name).is_dir(), name
+    apps = json.loads(
+        subprocess.run(
+            ["pm2", "jlist"], env=env, check=True, capture_output=True
+        ).stdout
+    )
+    assert sorted(a["name"] for a in apps) == [
+        "api_gateway",
+        "billing_app",
+        "inventory_app",
+    ]
+
+    out = run(repo / "scripts" / "down.sh", env, "--purge")
+    assert "purged" in out
+    assert machine_state(env) == before
+    for name in ("venv", "logs", "node_modules"):
+        assert not (repo / name).exists(), name
+    assert not Path(env["PM2_HOME"]).exists()
+    assert not list(Path("/etc/postgresql").glob(CONF))
+    # The main stack's roles and the machine's own users are still there.
+    roles, dbs, hba, users, queues = machine_state(env)
+    assert "guest" in users
+    assert {"postgres", "root"} <= roles
+    assert {"postgres", "test"} <= dbs
+
+    run(repo / "scripts" / "down.sh", env, "--purge")  # safe to run again

@@ -9,7 +9,10 @@ after a crash is stored once (deduplicated on its AMQP message_id).
 Settings (environment, then .env beside this file): BILLING_DB_HOST,
 BILLING_DB_PORT, BILLING_DB_SSLMODE, BILLING_DB_NAME, BILLING_DB_USER,
 BILLING_DB_PASSWORD, RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_USER,
-RABBITMQ_PASSWORD, RABBITMQ_QUEUE.
+RABBITMQ_PASSWORD, RABBITMQ_QUEUE; optional LOG_LEVEL (INFO).
+
+Each order is logged with its message_id (the gateway's X-Message-Id) when it
+is stored (INFO, stdout) or dead-lettered (WARNING, stderr).
 """
 
 import os
@@ -234,7 +237,7 @@ class Consumer:
                 order = parse_order(body)
                 check_message_id(message_id)
             except InvalidOrder as exc:
-                log.warning("rejected message %r: %s", message_id, exc)
+                log.warning("rejected message %r, dead-lettered: %s", message_id, exc)
                 channel.basic_nack(tag, requeue=False)
                 continue
             if message_id is not None and message_id in seen:
@@ -252,7 +255,9 @@ class Consumer:
                     if not self._insert(conn, [values]):
                         return
                 except psycopg.Error as exc:
-                    log.warning("rejected message %r: %s", values[3], exc)
+                    log.warning(
+                        "rejected message %r, dead-lettered: %s", values[3], exc
+                    )
                     channel.basic_nack(tag, requeue=False)
         channel.basic_ack(batch[-1][0], multiple=True)
 
@@ -299,14 +304,27 @@ class Consumer:
 # --- Main ---
 
 
+def setup_logging(name, level):
+    """Log DEBUG and INFO to stdout, WARNING and above to stderr (PM2's two files)."""
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    try:
+        logging.basicConfig(
+            level=level.upper(),
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            handlers=[out, err],
+        )
+    except ValueError:
+        sys.exit(f"{name}: LOG_LEVEL={level}: use DEBUG, INFO, WARNING or ERROR")
+
+
 def main():
     """Consume until SIGTERM or SIGINT, then exit 0."""
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
     config = load_config()
+    setup_logging("billing", os.environ.get("LOG_LEVEL", "INFO"))
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     params = pika.ConnectionParameters(
         host=config["RABBITMQ_HOST"],
         port=int(config["RABBITMQ_PORT"]),

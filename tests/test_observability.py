@@ -223,9 +223,14 @@ def test_one_order_followed_through_the_three_logs(procs, queue, movies_db, bill
     with admin_connect(billing_db) as conn:
         conn.execute("TRUNCATE orders RESTART IDENTITY")
     inventory_port, gateway_port = free_port(), free_port()
-    inventory = procs("inventory", inventory_env(inventory_port), inventory_port)
+    debug = {"LOG_LEVEL": "DEBUG"}  # with the access lines
+    inventory = procs(
+        "inventory", {**inventory_env(inventory_port), **debug}, inventory_port
+    )
     gateway = procs(
-        "gateway", gateway_env(gateway_port, inventory_port, queue), gateway_port
+        "gateway",
+        {**gateway_env(gateway_port, inventory_port, queue), **debug},
+        gateway_port,
     )
     billing = procs("billing", billing_env(queue))
     _, headers, _ = call(gateway.url, "GET", "/api/movies/1")
@@ -252,17 +257,27 @@ def test_one_order_followed_through_the_three_logs(procs, queue, movies_db, bill
     (access,) = [line for line in inventory.out().splitlines() if movie_rid in line]
     assert "GET /api/movies/1 404" in access, access
     print("\n--- gateway ---\n" + "\n".join(gateway_lines))
+    print("\n".join(x for x in gateway.out().splitlines() if movie_rid in x))
     print("--- inventory ---\n" + access)
     print("--- billing ---\n" + stored + "\n" + dead)
 
 
-def test_access_line(gateway):
-    call(gateway.url, "GET", "/api/movies/123456", headers={"X-Request-Id": "acc-1"})
+def test_access_line_at_debug_only(gateway, inventory, queue, procs):
+    call(gateway.url, "GET", "/api/movies/123456", headers={"X-Request-Id": "acc-0"})
+    call(gateway.url, "POST", "/api/billing", ORDER, {"X-Request-Id": "acc-0"})
+    # The order's line is written at INFO; the access line (18% of W1) is not.
+    wait_for(lambda: "request acc-0" in gateway.tail(300), what="the order's line")
+    assert not [x for x in gateway.tail(300).splitlines() if x.endswith(" acc-0")]
+    port = free_port()
+    env = {**gateway_env(port, inventory.port, queue), "LOG_LEVEL": "debug"}
+    debug = procs("gateway", env, port)
+    call(debug.url, "GET", "/api/movies/123456", headers={"X-Request-Id": "acc-1"})
     line = wait_for(
-        lambda: [x for x in gateway.tail(200).splitlines() if "acc-1" in x],
+        lambda: [x for x in debug.out().splitlines() if "acc-1" in x],
         what="the access line",
     )[0]
-    assert re.search(r" INFO GET /api/movies/123456 404 \d+\.\d+ms acc-1$", line), line
+    assert re.search(r" DEBUG GET /api/movies/123456 404 \d+\.\dms acc-1$", line), line
+    assert "acc-1" not in debug.err()
 
 
 # --- 8. /health ---

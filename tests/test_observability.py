@@ -267,7 +267,7 @@ def test_access_line_at_debug_only(gateway, inventory, queue, procs):
     call(gateway.url, "POST", "/api/billing", ORDER, {"X-Request-Id": "acc-0"})
     # The order's line is written at INFO; the access line (18% of W1) is not.
     wait_for(lambda: "request acc-0" in gateway.tail(300), what="the order's line")
-    assert not [x for x in gateway.tail(300).splitlines() if x.endswith(" acc-0")]
+    assert not [x for x in gateway.tail(300).splitlines() if x.endswith("ms acc-0")]
     port = free_port()
     env = {**gateway_env(port, inventory.port, queue), "LOG_LEVEL": "debug"}
     debug = procs("gateway", env, port)

@@ -11,7 +11,10 @@ the parser is dead-lettered instead of killing billing a second time.
 Settings (environment, then .env beside this file): BILLING_DB_HOST,
 BILLING_DB_PORT, BILLING_DB_SSLMODE, BILLING_DB_NAME, BILLING_DB_USER,
 BILLING_DB_PASSWORD, RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_USER,
-RABBITMQ_PASSWORD, RABBITMQ_QUEUE.
+RABBITMQ_PASSWORD, RABBITMQ_QUEUE; optional LOG_LEVEL (INFO).
+
+Each order is logged with its message_id (the gateway's X-Message-Id) when it
+is stored (INFO, stdout) or dead-lettered (WARNING, stderr).
 """
 
 import os
@@ -451,7 +454,11 @@ class Consumer:
         """
         for tag, _, properties, _ in batch:
             if tag in dead:
-                log.warning("rejected message %r: %s", properties.message_id, dead[tag])
+                log.warning(
+                    "rejected message %r, dead-lettered: %s",
+                    properties.message_id,
+                    dead[tag],
+                )
                 channel.basic_nack(tag, requeue=False)
         kept = [tag for tag, _, _, _ in batch if tag not in dead]
         if kept:
@@ -471,14 +478,27 @@ class Consumer:
 # --- Main ---
 
 
+def setup_logging(name, level):
+    """Log DEBUG and INFO to stdout, WARNING and above to stderr (PM2's two files)."""
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    try:
+        logging.basicConfig(
+            level=level.upper(),
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            handlers=[out, err],
+        )
+    except ValueError:
+        sys.exit(f"{name}: LOG_LEVEL={level}: use DEBUG, INFO, WARNING or ERROR")
+
+
 def main():
     """Consume until SIGTERM or SIGINT, then exit 0."""
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
     config = load_config()
+    setup_logging("billing", os.environ.get("LOG_LEVEL", "INFO"))
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     params = pika.ConnectionParameters(
         host=config["RABBITMQ_HOST"],
         port=int(config["RABBITMQ_PORT"]),

@@ -112,3 +112,7 @@ DELETE FROM movies WHERE id = %(id)s RETURNING id;
 -- name: delete_all_movies
 WITH gone AS (DELETE FROM movies RETURNING 1)
 SELECT count(*) FROM gone;
+
+-- name: ping
+-- /health: the database answers.
+SELECT 1;

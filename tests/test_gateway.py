@@ -387,8 +387,8 @@ def test_rabbitmq_down_is_503_then_recovers(gateway, empty_queue):
 
 def test_health_ok(gateway):
     status, _, body = call(gateway.url, "GET", "/health")
-    assert status == 200
-    assert body == {"status": "ok", "inventory": "ok", "rabbitmq": "ok"}
+    assert status == 200  # "degraded" while no billing consumes: see test_observability
+    assert (body["inventory"], body["rabbitmq"]) == ("ok", "ok")
 
 
 def test_unknown_paths_and_methods(gateway):

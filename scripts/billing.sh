@@ -22,5 +22,5 @@ ensure_venv billing
 declare_billing_queues
 ensure_node_pm2
 pm2_start_app billing_app
-pm2_persist
+pm2_persist billing_app
 log "billing: billing_app consumes $RABBITMQ_QUEUE on $RABBITMQ_HOST:$RABBITMQ_PORT"

@@ -22,7 +22,7 @@ if [[ -f "$REPO_DIR/package-lock.json" && ! -d "$REPO_DIR/node_modules/swagger-u
   (cd "$REPO_DIR" && npm ci --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
 pm2_start_app api_gateway
-pm2_persist
+pm2_persist api_gateway
 
 url="http://$GATEWAY_HOST:$GATEWAY_PORT/health"
 for ((i = 0; i < 30; i++)); do

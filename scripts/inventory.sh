@@ -18,5 +18,5 @@ ensure_database "$INVENTORY_DB_USER" "$INVENTORY_DB_PASSWORD" "$INVENTORY_DB_NAM
 ensure_venv inventory
 ensure_node_pm2
 pm2_start_app inventory_app
-pm2_persist
+pm2_persist inventory_app
 log "inventory: inventory_app on http://$INVENTORY_HOST:$INVENTORY_PORT/api/movies"

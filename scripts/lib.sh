@@ -452,16 +452,29 @@ pm2_start_app() {
   pm2 startOrReload "$REPO_DIR/ecosystem.config.js" --only "$app" --update-env "${args[@]}" >/dev/null
 }
 
-# pm2_persist: save the process list; with systemd, also resurrect it at boot.
+# pm2_persist APP...: save the process list; with systemd, also resurrect it at
+# boot and start APP then even if it was stopped: PM2 saves its list, stopped
+# apps included, when the machine shuts down, and would bring APP back stopped.
 pm2_persist() {
+  local app starts=()
   pm2 save --force >/dev/null
-  if is_systemd; then
-    if ! systemctl is-enabled --quiet pm2-root 2>/dev/null; then
-      log "pm2: enabling the pm2-root service (start at boot)"
-      pm2 startup systemd -u root --hp "$(dirname "$PM2_HOME")" >/dev/null
-    fi
-  else
+  if ! is_systemd; then
     log "pm2: systemd is not PID 1 here, skipping 'pm2 startup'"
+    return 0
+  fi
+  if ! systemctl is-enabled --quiet pm2-root 2>/dev/null; then
+    log "pm2: enabling the pm2-root service (start at boot)"
+    pm2 startup systemd -u root --hp "$(dirname "$PM2_HOME")" >/dev/null
+  fi
+  for app in "$@"; do
+    # "pm2 pid" prints 0 for a stopped app; "pm2 start" would restart a running
+    # one. The "-" keeps the unit up if the app was deleted from PM2.
+    starts+=("ExecStartPost=-/bin/sh -c '[ \"\$\$(pm2 pid $app)\" -gt 0 ] || pm2 start $app'")
+  done
+  if write_file /etc/systemd/system/pm2-root.service.d/movie-shop.conf \
+    "# Managed by scripts/lib.sh: this VM's app runs after every boot." \
+    "[Service]" "${starts[@]}"; then
+    systemctl daemon-reload
   fi
 }
 

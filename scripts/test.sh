@@ -21,6 +21,10 @@ apt_install vagrant-libvirt
 apt_install ruby  # the Vagrantfile's .env reader, tests/test_env_grammar.py
 apt_install chromium  # tests/test_docs_browser.py: /docs in a real browser
 apt_install chromium-driver
+# The three Debian hosts of tests/test_hosts.py (scripts/hosts.sh).
+apt_install debootstrap
+apt_install systemd-container
+apt_install nftables
 ensure_node_pm2
 ensure_venv dev
 log "npm: installing newman and swagger-ui-dist (package-lock.json)"

@@ -1,0 +1,625 @@
+"""The Vagrant deployment on three real Debian 12 hosts (scripts/hosts.sh).
+
+scripts/hosts.sh boots gateway-vm, inventory-vm and billing-vm as systemd
+hosts in network namespaces of their own, on a bridge that carries the .env
+addresses, and provisions them with the Vagrantfile's scripts and environment.
+This module brings them up from nothing (the cached base may be reused), replays
+the audit from the bridge's address (the reviewer's computer) and inside the
+VMs, checks the network, reboots two hosts, provisions all three again, and
+takes everything down. It never touches this machine's PostgreSQL or RabbitMQ.
+
+The figures (phase timings, listening sockets, each audit step's result) are
+printed at the end of the run, in a "three hosts" section.
+"""
+
+import json
+import re
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from dotenv import dotenv_values
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTS = ROOT / "scripts" / "hosts.sh"
+# The VMs get .env and vm.env, exactly as the Vagrantfile reads them (the
+# environment of this test does not change what they see).
+VM_ENV = {**dotenv_values(ROOT / ".env"), **dotenv_values(ROOT / "vm.env")}
+GATEWAY_VM, INVENTORY_VM, BILLING_VM = "gateway-vm", "inventory-vm", "billing-vm"
+GATEWAY_IP = VM_ENV["GATEWAY_HOST"]
+INVENTORY_IP = VM_ENV["INVENTORY_HOST"]
+BILLING_IP = VM_ENV["BILLING_HOST"]
+GATEWAY = f"http://{GATEWAY_IP}:{VM_ENV['GATEWAY_PORT']}"
+# This machine on the hosts' bridge: the reviewer's computer.
+BRIDGE_IP = GATEWAY_IP.rsplit(".", 1)[0] + ".1"
+MOVIES_DB = VM_ENV["INVENTORY_DB_NAME"]
+BILLING_DB = VM_ENV["BILLING_DB_NAME"]
+APP_OF = {
+    GATEWAY_VM: "api_gateway",
+    INVENTORY_VM: "inventory_app",
+    BILLING_VM: "billing_app",
+}
+NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
+COLLECTION = ROOT / "postman" / "movie-shop.postman_collection.json"
+VAGRANT_ENV = ROOT / "postman" / "vagrant.postman_environment.json"
+HEALTHY = {"status": "ok", "inventory": "ok", "rabbitmq": "ok"}
+
+# What may listen on each host: (address, port, process). A new listener, or a
+# service on another address, fails the test.
+LISTENERS = {
+    GATEWAY_VM: {(GATEWAY_IP, VM_ENV["GATEWAY_PORT"], "python")},
+    INVENTORY_VM: {
+        (INVENTORY_IP, VM_ENV["INVENTORY_PORT"], "python"),
+        ("127.0.0.1", "5432", "postgres"),
+        ("[::1]", "5432", "postgres"),
+    },
+    BILLING_VM: {
+        ("127.0.0.1", "5432", "postgres"),
+        ("[::1]", "5432", "postgres"),
+        # RabbitMQ: AMQP for gateway-vm; the Erlang distribution port and epmd
+        # (socket-activated by systemd) come with the Debian package.
+        ("*", VM_ENV["RABBITMQ_PORT"], "beam.smp"),
+        ("0.0.0.0", "25672", "beam.smp"),
+        ("*", "4369", "epmd"),
+    },
+}
+
+FIGURES = []
+
+
+def figure(text):
+    """Keep one line for the summary printed at the end of the run."""
+    FIGURES.append(text)
+
+
+class _Summary:
+    """Prints the figures in pytest's terminal summary, so CI's log shows them."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if FIGURES:
+            terminalreporter.section("three hosts")
+            for line in FIGURES:
+                terminalreporter.write_line(line)
+
+
+# --- Helpers ---
+
+
+def hosts(*args, timeout=120, stdin=None):
+    """Run scripts/hosts.sh; return the completed process."""
+    return subprocess.run(
+        [str(HOSTS), *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def on(name, *cmd, timeout=60, stdin=None, check=True):
+    """Run cmd as root inside host name; return its standard output."""
+    proc = hosts("exec", name, "--", *cmd, timeout=timeout, stdin=stdin)
+    if check:
+        assert proc.returncode == 0, f"{name}: {cmd} failed: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def psql(name, db, query):
+    """Rows of query, run as the audit does: sudo -i -u postgres psql on the host."""
+    out = on(
+        name, "sudo", "-i", "-u", "postgres", "psql", "-X", "-At", "-d", db, "-c", query
+    )
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def pm2_apps(name):
+    """{app: (status, pid, restarts)} from root's PM2 on host name."""
+    out = on(name, "sudo", "pm2", "jlist")
+    listing = json.loads(out[out.index("[") :])
+    return {
+        app["name"]: (
+            app["pm2_env"]["status"],
+            app.get("pid"),
+            app["pm2_env"]["restart_time"],
+        )
+        for app in listing
+    }
+
+
+def request(method, path, body=None, timeout=15):
+    """Call the gateway from the bridge's address; return (status, JSON body or None)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(GATEWAY + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw
+
+
+def wait_for(predicate, timeout, what, interval=0.5):
+    """Poll predicate until it returns a truthy value; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def orders_of(user_ids):
+    """{user_id: number of rows} in billing_db on billing-vm for these users."""
+    ids = ",".join(str(int(u)) for u in user_ids)
+    rows = psql(
+        BILLING_VM,
+        BILLING_DB,
+        f"SELECT user_id, count(*) FROM orders WHERE user_id IN ({ids}) GROUP BY 1",
+    )
+    return {int(user): int(count) for user, count in rows}
+
+
+def order(user_id, items="1", total="1"):
+    """Post one order through the gateway; return the status (None when cut)."""
+    body = {"user_id": str(user_id), "number_of_items": items, "total_amount": total}
+    try:
+        return request("POST", "/api/billing/", body, timeout=20)[0]
+    except OSError:
+        return None
+
+
+def listeners(name):
+    """{(address, port, process)} of the TCP sockets listening on host name."""
+    found = set()
+    for line in on(name, "ss", "-Hltnp").splitlines():
+        fields = line.split()
+        address, _, port = fields[3].rpartition(":")
+        processes = re.findall(r'\("([^"]+)",pid=', line) or ["?"]
+        # systemd also holds the sockets it activates a service with (epmd's).
+        for process in [p for p in processes if p != "systemd"] or processes:
+            found.add((address, port, process))
+    return found
+
+
+def connects(name, address, port):
+    """Whether a TCP connection from host name to address:port succeeds."""
+    proc = hosts(
+        "exec",
+        name,
+        "--",
+        "timeout",
+        "5",
+        "bash",
+        "-c",
+        f"exec 3<>/dev/tcp/{address}/{port}",
+    )
+    return proc.returncode == 0
+
+
+class Poster(threading.Thread):
+    """Posts one order every 0.2 s, each for a new user, until stopped."""
+
+    def __init__(self, first_user):
+        super().__init__(daemon=True)
+        self.next_user, self.results, self.stopping = first_user, [], threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            user, self.next_user = self.next_user, self.next_user + 1
+            self.results.append((user, order(user)))
+            time.sleep(0.2)
+
+    def stop(self):
+        self.stopping.set()
+        self.join(30)
+        return self.results
+
+
+# --- Fixtures ---
+
+
+@pytest.fixture(scope="module")
+def three_hosts(pytestconfig):
+    """The three hosts, up and provisioned from nothing; taken down afterwards."""
+    pytestconfig.pluginmanager.register(_Summary(), "three-hosts-summary")
+    check = hosts("check")
+    if check.returncode == 3:
+        pytest.skip(check.stdout.strip())
+    assert check.returncode == 0, check.stdout + check.stderr
+    hosts("down", timeout=300)  # leftovers of an earlier run that was killed
+    start = time.monotonic()
+    try:
+        up = hosts("up", timeout=600)
+        figure(f"hosts.sh up: {time.monotonic() - start:.0f} s in all")
+        for line in up.stdout.splitlines():
+            if line.startswith("==> timing: "):
+                figure("  " + line.removeprefix("==> timing: "))
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        layers = subprocess.run(
+            "du -scm /var/lib/movie-shop/hosts/*/upper | tail -n 1",
+            shell=True,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split()
+        figure(
+            f"  disk used by the three host layers: {layers[0] if layers else '?'} MiB"
+        )
+        wait_for(
+            lambda: request("GET", "/health") == (200, HEALTHY),
+            60,
+            "the gateway's /health to answer 200",
+        )
+        yield
+    finally:
+        start = time.monotonic()
+        down = hosts("down", timeout=300)
+        figure(f"hosts.sh down: {time.monotonic() - start:.0f} s")
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not Path("/var/lib/movie-shop/hosts").exists()
+        assert (
+            "movieshop0"
+            not in subprocess.run(
+                ["ip", "-o", "link"], capture_output=True, text=True, check=False
+            ).stdout
+        )
+
+
+# --- One environment for Vagrant and the hosts ---
+
+# Loads the Vagrantfile with a stand-in for Vagrant.configure and prints the
+# environment its shell provisioner gets.
+VAGRANT_PROVISION_ENV = """
+require "json"
+module Vagrant
+  def self.configure(*); end
+end
+load "Vagrantfile"
+puts JSON.generate(PROVISION_ENV)
+"""
+
+
+def test_hosts_get_the_environment_vagrant_passes():
+    """scripts/hosts.sh provisions with exactly the Vagrantfile's PROVISION_ENV."""
+    ruby = subprocess.run(
+        ["ruby", "-e", VAGRANT_PROVISION_ENV],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ruby.returncode == 0, ruby.stderr
+    vagrant = json.loads(ruby.stdout)
+    proc = hosts("env")
+    assert proc.returncode == 0, proc.stderr
+    ours = dict(line.split("=", 1) for line in proc.stdout.splitlines())
+    assert ours == vagrant
+    assert ours["REPO_DIR"] == "/vagrant"
+
+
+# --- The audit, from the reviewer's computer and inside the VMs ---
+
+
+def test_audit_across_three_hosts(three_hosts):
+    """AUDIT.md steps 6-16 and 8 (newman), against 192.168.56.10 and on the VMs."""
+
+    def step(text):
+        figure(f"audit: {text}")
+
+    assert request("GET", "/health") == (200, HEALTHY)
+    step(f"GET {GATEWAY}/health -> 200 {HEALTHY}")
+
+    movie = {"title": "A new movie", "description": "Very short description"}
+    status, created = request("POST", "/api/movies/", movie)
+    assert status == 201, created
+    step(f"POST /api/movies/ -> {status} id={created['id']}")
+    status, listed = request("GET", "/api/movies/")
+    assert status == 200 and created in listed
+    step(f"GET /api/movies/ -> {status}, lists it")
+    movie_path = f"/api/movies/{created['id']}/"
+    status, renamed = request("PUT", movie_path, {"title": "Renamed"})
+    assert (status, renamed["title"]) == (200, "Renamed")
+    assert request("GET", movie_path) == (200, renamed)
+    assert request("DELETE", movie_path)[0] == 200
+    assert request("GET", movie_path)[0] == 404
+    step(f"PUT, GET, DELETE, GET {movie_path} -> 200, 200, 200, 404")
+    status, created = request("POST", "/api/movies/", movie)
+    assert status == 201
+
+    databases = on(INVENTORY_VM, "sudo", "-i", "-u", "postgres", "psql", "-X", "-l")
+    assert MOVIES_DB in databases
+    rows = psql(INVENTORY_VM, MOVIES_DB, "SELECT id, title, description FROM movies")
+    assert rows == [[str(created["id"]), movie["title"], movie["description"]]]
+    step(f"inventory-vm: psql -l lists {MOVIES_DB}; TABLE movies = {rows}")
+
+    order_20 = {"user_id": "20", "number_of_items": "99", "total_amount": "250"}
+    order_22 = {"user_id": "22", "number_of_items": "10", "total_amount": "50"}
+    assert request("POST", "/api/billing/", order_20) == (
+        200,
+        {"message": "Message posted"},
+    )
+    wait_for(lambda: orders_of([20]) == {20: 1}, 30, "order 20 in billing_db")
+    step("POST /api/billing/ user 20 -> 200; stored on billing-vm")
+
+    on(BILLING_VM, "sudo", "pm2", "stop", "billing_app")
+    try:
+        listing = on(BILLING_VM, "sudo", "pm2", "list", "--no-color")
+        assert re.search(r"billing_app\s.*\sstopped\s", listing), listing
+        step("billing-vm: sudo pm2 stop billing_app; pm2 list says stopped")
+        assert request("POST", "/api/billing/", order_22) == (
+            200,
+            {"message": "Message posted"},
+        )
+        time.sleep(3)
+        assert MOVIES_DB not in psql(
+            BILLING_VM, "postgres", "SELECT datname FROM pg_database"
+        )
+        assert BILLING_DB in on(
+            BILLING_VM, "sudo", "-i", "-u", "postgres", "psql", "-X", "-l"
+        )
+        stored = psql(
+            BILLING_VM, BILLING_DB, "SELECT user_id, number_of_items FROM orders"
+        )
+        assert stored == [["20", "99"]]
+        step(f"POST user 22 -> 200 while stopped; TABLE orders = {stored}")
+    finally:
+        on(BILLING_VM, "sudo", "pm2", "start", "billing_app")
+    wait_for(lambda: orders_of([22]) == {22: 1}, 30, "order 22 stored after pm2 start")
+    step("billing-vm: sudo pm2 start billing_app; order 22 stored")
+
+    for name, app in APP_OF.items():
+        apps = pm2_apps(name)
+        assert {a: s[0] for a, s in apps.items()} == {app: "online"}, apps
+    step("sudo pm2 list: api_gateway, inventory_app, billing_app online, one per VM")
+
+    if not NEWMAN.exists():
+        pytest.fail(f"{NEWMAN} is missing: run `npm ci --ignore-scripts` in {ROOT}")
+    proc = subprocess.run(
+        [NEWMAN, "run", COLLECTION, "-e", VAGRANT_ENV, "--color", "off"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    totals = re.search(r"│\s+assertions\s+│\s+(\d+)\s+│\s+(\d+)\s+│", proc.stdout)
+    assert totals, proc.stdout[-2000:]
+    step(
+        f"newman vagrant environment: assertions {totals.group(1)}, failed {totals.group(2)}"
+    )
+
+
+def test_network_as_designed(three_hosts):
+    """Each service where the design puts it, and nothing else listening."""
+    out = on(
+        GATEWAY_VM,
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        f"http://{INVENTORY_IP}:{VM_ENV['INVENTORY_PORT']}/api/movies",
+    )
+    assert out == "200"
+    figure(
+        f"network: gateway-vm -> {INVENTORY_IP}:{VM_ENV['INVENTORY_PORT']} answers 200"
+    )
+
+    # The project's RabbitMQ user from .env, read on the VM (no password on a command line).
+    logins = json.loads(
+        on(
+            GATEWAY_VM,
+            f"{VM_ENV['VENV_ROOT']}/gateway/bin/python",
+            "-",
+            stdin=AMQP_LOGINS,
+        )
+    )
+    assert logins["project"] == "ok", logins
+    assert "ACCESS_REFUSED" in logins["guest"], logins
+    figure(f"network: RabbitMQ from gateway-vm: guest -> {logins['guest'][:60]}...")
+    figure(f"network: RabbitMQ from gateway-vm: {VM_ENV['RABBITMQ_USER']} -> ok")
+
+    for client, address in (
+        (GATEWAY_VM, INVENTORY_IP),
+        (GATEWAY_VM, BILLING_IP),
+        (BILLING_VM, INVENTORY_IP),
+        (INVENTORY_VM, BILLING_IP),
+    ):
+        assert not connects(client, address, 5432), f"{client} reaches {address}:5432"
+    assert connects(GATEWAY_VM, BILLING_IP, VM_ENV["RABBITMQ_PORT"])
+    figure("network: PostgreSQL :5432 refused from the other hosts")
+
+    # A service of this machine listening on every address is out of the hosts' reach.
+    with socket.create_server(("0.0.0.0", 0)) as server:
+        port = server.getsockname()[1]
+        socket.create_connection((BRIDGE_IP, port), 3).close()
+        assert not connects(GATEWAY_VM, BRIDGE_IP, port)
+    figure(
+        f"network: a listener of this machine on 0.0.0.0 is not reachable at {BRIDGE_IP}"
+    )
+
+    for name, allowed in LISTENERS.items():
+        found = listeners(name)
+        assert found == allowed, (
+            f"{name}: unexpected {found - allowed}, missing {allowed - found}"
+        )
+        shown = ", ".join(f"{a}:{p} {c}" for a, p, c in sorted(found))
+        figure(f"listening on {name}: {shown}")
+
+
+AMQP_LOGINS = """
+import json
+
+import pika
+from dotenv import dotenv_values
+
+env = dotenv_values("/vagrant/.env")
+
+
+def login(user, password):
+    params = pika.ConnectionParameters(
+        env["RABBITMQ_HOST"],
+        int(env["RABBITMQ_PORT"]),
+        credentials=pika.PlainCredentials(user, password),
+        connection_attempts=1,
+        socket_timeout=5,
+    )
+    try:
+        pika.BlockingConnection(params).close()
+        return "ok"
+    except pika.exceptions.AMQPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+print(json.dumps({
+    "guest": login("guest", "guest"),
+    "project": login(env["RABBITMQ_USER"], env["RABBITMQ_PASSWORD"]),
+}))
+"""
+
+
+# --- Reboots ---
+
+
+def test_billing_vm_reboot_keeps_every_accepted_order(three_hosts):
+    """Orders queued while billing_app is stopped survive a reboot of billing-vm;
+    during the reboot every order is 200 or 503, and each 200 is stored once."""
+    gateway_before = pm2_apps(GATEWAY_VM)["api_gateway"]
+    on(BILLING_VM, "sudo", "pm2", "stop", "billing_app")
+    queued = list(range(1000, 1010))
+    assert [order(user) for user in queued] == [200] * len(queued)
+    time.sleep(2)
+    assert orders_of(queued) == {}
+
+    poster = Poster(2000)
+    poster.start()
+    start = time.monotonic()
+    try:
+        reboot = hosts("reboot", BILLING_VM, timeout=180)
+        assert reboot.returncode == 0, reboot.stdout + reboot.stderr
+        booted = time.monotonic() - start
+        wait_for(
+            lambda: pm2_apps(BILLING_VM).get("billing_app", ("",))[0] == "online",
+            60,
+            "billing_app online after the reboot",
+        )
+        app_back = time.monotonic() - start
+        wait_for(lambda: request("GET", "/health") == (200, HEALTHY), 60, "health 200")
+        healthy = time.monotonic() - start
+        time.sleep(2)
+    finally:
+        results = poster.stop()
+    assert on(BILLING_VM, "systemctl", "is-active", "pm2-root").strip() == "active"
+
+    statuses = [status for _, status in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses, "RabbitMQ never looked down during the reboot"
+    accepted = [user for user, status in results if status == 200]
+    expected = {user: 1 for user in queued + accepted}
+    wait_for(lambda: orders_of(expected) == expected, 60, "every accepted order stored")
+    assert pm2_apps(GATEWAY_VM)["api_gateway"] == gateway_before
+    figure(
+        f"reboot billing-vm: booted {booted:.1f} s, billing_app online {app_back:.1f} s,"
+        f" health 200 {healthy:.1f} s; queued before={len(queued)} stored after=all;"
+        f" during: posted={len(statuses)} ok={statuses.count(200)}"
+        f" unavailable={statuses.count(503)} stored_ok=all; api_gateway not restarted"
+    )
+
+
+def test_inventory_vm_reboot(three_hosts):
+    """inventory-vm comes back by itself with its data, inventory_app running
+    even though it was stopped before the reboot; the gateway recovers."""
+    gateway_before = pm2_apps(GATEWAY_VM)["api_gateway"]
+    status, movie = request(
+        "POST", "/api/movies/", {"title": "Before the reboot", "description": "kept"}
+    )
+    assert status == 201
+    path = f"/api/movies/{movie['id']}"
+    on(INVENTORY_VM, "sudo", "pm2", "stop", "inventory_app")
+    assert request("GET", path)[0] == 502
+    seen = []
+    stopping = threading.Event()
+
+    def poll():
+        while not stopping.is_set():
+            try:
+                seen.append(request("GET", path, timeout=20)[0])
+            except OSError:
+                seen.append(None)
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    start = time.monotonic()
+    try:
+        reboot = hosts("reboot", INVENTORY_VM, timeout=180)
+        assert reboot.returncode == 0, reboot.stdout + reboot.stderr
+        booted = time.monotonic() - start
+        wait_for(lambda: request("GET", path) == (200, movie), 60, "the movie again")
+        back = time.monotonic() - start
+        wait_for(lambda: request("GET", "/health") == (200, HEALTHY), 60, "health 200")
+    finally:
+        stopping.set()
+        poller.join(30)
+    assert set(seen) <= {200, 502, 503, 504}, seen
+    assert any(status != 200 for status in seen), "inventory never looked down"
+    assert pm2_apps(INVENTORY_VM)["inventory_app"][0] == "online"
+    assert on(INVENTORY_VM, "systemctl", "is-active", "pm2-root").strip() == "active"
+    assert pm2_apps(GATEWAY_VM)["api_gateway"] == gateway_before
+    codes = {code: seen.count(code) for code in sorted(set(seen), key=str)}
+    figure(
+        f"reboot inventory-vm: booted {booted:.1f} s, movie served again {back:.1f} s;"
+        f" answers during it {codes}; api_gateway not restarted"
+    )
+
+
+# --- Provisioning again ---
+
+MANAGED_FILES = {
+    INVENTORY_VM: "cat /etc/postgresql/*/main/pg_hba.conf /etc/postgresql/*/main/conf.d/*"
+    " /etc/systemd/system/pm2-root.service",
+    BILLING_VM: "cat /etc/postgresql/*/main/pg_hba.conf /etc/postgresql/*/main/conf.d/*"
+    " /etc/rabbitmq/rabbitmq.conf /etc/systemd/system/pm2-root.service",
+    GATEWAY_VM: "cat /etc/systemd/system/pm2-root.service",
+}
+
+
+def test_provisioning_again_changes_nothing(three_hosts):
+    """vagrant provision's stand-in: same data, same configuration, apps online."""
+    counts = "SELECT count(*), coalesce(max(id), 0) FROM "
+    movies = psql(INVENTORY_VM, MOVIES_DB, counts + "movies")
+    orders = psql(BILLING_VM, BILLING_DB, counts + "orders")
+    files = {name: on(name, "bash", "-c", cmd) for name, cmd in MANAGED_FILES.items()}
+    start = time.monotonic()
+    proc = hosts("provision", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    took = time.monotonic() - start
+    assert psql(INVENTORY_VM, MOVIES_DB, counts + "movies") == movies
+    assert psql(BILLING_VM, BILLING_DB, counts + "orders") == orders
+    for name, cmd in MANAGED_FILES.items():
+        assert on(name, "bash", "-c", cmd) == files[name], (
+            f"{name}: configuration changed"
+        )
+    for name, app in APP_OF.items():
+        assert pm2_apps(name)[app][0] == "online"
+    wait_for(lambda: request("GET", "/health") == (200, HEALTHY), 60, "health 200")
+    figure(
+        f"provision again: {took:.0f} s; movies {movies[0]} and orders {orders[0]}"
+        " (count, max id) unchanged; configuration files unchanged; apps online"
+    )

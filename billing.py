@@ -4,7 +4,9 @@ Consumes JSON orders {"user_id", "number_of_items", "total_amount"} (numbers
 or numeric strings) from the billing queue, inserts them into table `orders`
 in batches and acks each message only after its row is committed. A message
 that can never be stored is dead-lettered to "<queue>.dead"; one redelivered
-after a crash is stored once (deduplicated on its AMQP message_id).
+after a crash is stored once (deduplicated on its AMQP message_id). A message
+redelivered after a crash is parsed in a child process, so a body that kills
+the parser is dead-lettered instead of killing billing a second time.
 
 Settings (environment, then .env beside this file): BILLING_DB_HOST,
 BILLING_DB_PORT, BILLING_DB_SSLMODE, BILLING_DB_NAME, BILLING_DB_USER,
@@ -23,6 +25,7 @@ if __name__ == "__main__":
 import json
 import logging
 import re
+import select
 import signal
 import sys
 import time
@@ -44,6 +47,8 @@ MAX_BACKOFF = 5  # seconds between reconnect attempts, at most
 MAX_DB_INT = 2**31 - 1
 MAX_MESSAGE_ID = 255
 MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
+MAX_BODY = 64 * 1024  # bytes; the gateway takes no larger order, one is ~80 bytes
+CHILD_TIMEOUT = 10  # seconds a child process may take to parse suspect messages
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
 _INTEGER = re.compile(r"[0-9]{1,10}")
 _AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
@@ -132,8 +137,12 @@ def check_amount(value, field):
 
 def parse_order(body):
     """Turn a message body into (user_id, number_of_items, total_amount)."""
+    if len(body) > MAX_BODY:
+        raise InvalidOrder(f"body over {MAX_BODY} bytes")
     try:
-        data = json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
+        data = json.loads(
+            body, parse_float=_parse_decimal, parse_constant=_reject_constant
+        )
     except (ValueError, RecursionError) as exc:
         raise InvalidOrder(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -161,6 +170,90 @@ def check_message_id(message_id):
 def _reject_constant(name):
     """Refuse NaN and Infinity, which are not JSON."""
     raise ValueError(f"{name} is not allowed")
+
+
+def _parse_decimal(text):
+    """A JSON number with a fraction or exponent; NaN (refused) if out of range."""
+    try:
+        return Decimal(text)
+    except ArithmeticError:  # an exponent beyond Decimal's range, e.g. 1e10**18
+        return Decimal("NaN")
+
+
+def read_message(body, message_id):
+    """Return (order, None) for a message that can be stored, else (None, reason)."""
+    try:
+        order = parse_order(body)
+        check_message_id(message_id)
+        return order, None
+    except InvalidOrder as exc:
+        return None, str(exc)
+    except Exception as exc:  # a bug: this message's fault, not billing's end
+        log.exception("reading message %r failed", message_id)
+        return None, f"billing failed on it: {exc!r}"
+
+
+def read_apart(messages):
+    """read_message for each (tag, message_id, body), in a child process.
+
+    Returns {tag: (order, reason)}. A child that dies, hangs or fails is
+    retried on each half of the messages, until the one that kills it is
+    alone; that one gets the reason. Billing itself never parses them.
+    """
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: parse, write one JSON line per message, exit
+        os.close(reader)
+        status = 1
+        try:
+            with os.fdopen(writer, "wb") as out:
+                for tag, message_id, body in messages:
+                    order, reason = read_message(body, message_id)
+                    if order is not None:
+                        order = [order[0], order[1], str(order[2])]
+                    out.write(json.dumps([tag, order, reason]).encode() + b"\n")
+            status = 0
+        finally:
+            os._exit(status)  # no atexit, no cleanup of the parent's connections
+    os.close(writer)
+    output, failure = _read_child(reader, pid)
+    if failure is None:
+        verdicts = {}
+        for line in output.splitlines():
+            tag, order, reason = json.loads(line)
+            if order is not None:
+                order = (order[0], order[1], Decimal(order[2]))
+            verdicts[tag] = (order, reason)
+        return verdicts
+    if len(messages) == 1:
+        log.warning(
+            "message %r made billing's parser fail: %s", messages[0][1], failure
+        )
+        return {messages[0][0]: (None, f"billing's parser failed on it: {failure}")}
+    half = len(messages) // 2
+    return {**read_apart(messages[:half]), **read_apart(messages[half:])}
+
+
+def _read_child(reader, pid):
+    """Collect a child's output; return (text, None) or (None, how it failed)."""
+    chunks, deadline, failure = [], time.monotonic() + CHILD_TIMEOUT, None
+    with os.fdopen(reader, "rb") as pipe:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([pipe], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                failure = f"no answer within {CHILD_TIMEOUT}s"
+                break
+            chunk = pipe.read1(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    if failure is None and os.WIFSIGNALED(status):
+        failure = f"killed by signal {os.WTERMSIG(status)}"
+    elif failure is None and os.waitstatus_to_exitcode(status) != 0:
+        failure = f"exit status {os.waitstatus_to_exitcode(status)}"
+    return (None, failure) if failure else (b"".join(chunks).decode(), None)
 
 
 # --- Consumer ---
@@ -212,7 +305,9 @@ class Consumer:
                 if method is not None:
                     if not batch:
                         started = time.monotonic()
-                    batch.append((method.delivery_tag, properties, body))
+                    batch.append(
+                        (method.delivery_tag, method.redelivered, properties, body)
+                    )
                 full = len(batch) >= BATCH_SIZE
                 late = batch and time.monotonic() - started >= BATCH_WAIT
                 if full or late or (batch and self.stopping):
@@ -226,38 +321,90 @@ class Consumer:
                 conn.close()
 
     def _store(self, conn, channel, batch):
-        """Insert a batch, dead-letter its bad messages, then ack the rest."""
-        rows, seen = [], set()  # rows: (delivery tag, values to insert)
-        for tag, properties, body in batch:
-            message_id = properties.message_id
-            try:
-                order = parse_order(body)
-                check_message_id(message_id)
-            except InvalidOrder as exc:
-                log.warning("rejected message %r: %s", message_id, exc)
-                channel.basic_nack(tag, requeue=False)
-                continue
-            if message_id is not None and message_id in seen:
-                continue  # the same message twice in one batch
-            seen.add(message_id)
-            rows.append((tag, (*order, message_id)))
+        """Store a batch; if it fails unexpectedly, store its messages one by one.
+
+        A message that fails again alone is dead-lettered with the error, so no
+        message can make billing fail in a loop.
+        """
         try:
-            if rows and not self._insert(conn, [values for _, values in rows]):
-                return  # stopping while the database is down: leave all unacked
-        except psycopg.Error as exc:
-            # Not an outage: PostgreSQL refuses some row. Find it, one by one.
-            log.warning("batch refused (%s); storing its orders one at a time", exc)
+            self._store_batch(conn, channel, batch)
+        except (AMQPError, OSError):
+            raise  # the broker went away (or fork failed): reconnect, retry
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("storing message %r failed", batch[0][2].message_id)
+                self._settle(channel, batch, {batch[0][0]: f"billing failed: {exc!r}"})
+                return
+            log.exception("storing a batch failed; storing its orders one by one")
+            for message in batch:
+                self._store(conn, channel, [message])
+
+    def _store_batch(self, conn, channel, batch):
+        """Insert a batch, then dead-letter its bad messages and ack the rest."""
+        rows, dead = self._read(batch)
+        if rows and not self._insert_rows(conn, rows, dead):
+            return  # stopping while the database is down: leave all unacked
+        self._settle(channel, batch, dead)
+
+    def _read(self, batch):
+        """Parse a batch: ([(tag, values to insert)], {tag: dead-letter reason}).
+
+        A redelivered message was unsettled when a consumer stopped, maybe
+        because it killed billing: those are parsed in a child process.
+        """
+        suspects = [(tag, p.message_id, body) for tag, again, p, body in batch if again]
+        verdicts = read_apart(suspects) if suspects else {}
+        rows, dead, seen = [], {}, set()
+        for tag, _, properties, body in batch:
+            message_id = properties.message_id
+            if tag in verdicts:
+                order, reason = verdicts[tag]
+            else:
+                order, reason = read_message(body, message_id)
+            if reason is not None:
+                dead[tag] = reason
+            elif message_id is None or message_id not in seen:
+                seen.add(message_id)  # the same message twice in one batch: once
+                rows.append((tag, (*order, message_id)))
+        return rows, dead
+
+    def _insert_rows(self, conn, rows, dead):
+        """Commit the rows; those PostgreSQL refuses join `dead`. False if stopped.
+
+        Only a row refused for its values (a data or integrity error) is
+        dead-lettered; if every row of a batch is refused, the table is to blame:
+        wait and retry, as for an outage.
+        """
+        delay = 0.5
+        while True:
+            try:
+                return self._insert(conn, [values for _, values in rows])
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                log.warning("batch refused (%s); storing its orders one by one", exc)
+            refused = {}
             for tag, values in rows:
                 try:
                     if not self._insert(conn, [values]):
-                        return
-                except psycopg.Error as exc:
-                    log.warning("rejected message %r: %s", values[3], exc)
-                    channel.basic_nack(tag, requeue=False)
-        channel.basic_ack(batch[-1][0], multiple=True)
+                        return False
+                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                    refused[tag] = str(exc)
+            if len(rows) == 1 or len(refused) < len(rows):
+                dead.update(refused)
+                return True
+            log.warning(
+                "PostgreSQL refused all %d orders; retrying in %.1fs", len(rows), delay
+            )
+            if not self._sleep(conn, delay):
+                return False
+            delay = min(delay * 2, MAX_BACKOFF)
 
     def _insert(self, conn, rows):
-        """Commit the rows, waiting out database outages; False if stopped."""
+        """Commit the rows, waiting out database outages; False if stopped.
+
+        Any error but a data or integrity error is an outage (server down, a
+        missing table, a revoked privilege, a read-only database): nothing is
+        dead-lettered for it.
+        """
         delay = 0.5
         while True:
             try:
@@ -276,7 +423,9 @@ class Consumer:
                 if stored:
                     log.info(stored)  # one line per order, in one call per batch
                 return True
-            except psycopg.OperationalError as exc:
+            except (psycopg.DataError, psycopg.IntegrityError):
+                raise
+            except psycopg.Error as exc:
                 log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
                 if self._db is not None:
                     self._db.close()
@@ -284,6 +433,21 @@ class Consumer:
                 if not self._sleep(conn, delay):
                     return False
                 delay = min(delay * 2, MAX_BACKOFF)
+
+    def _settle(self, channel, batch, dead):
+        """Dead-letter the messages in `dead`, then ack the rest of the batch.
+
+        The nacks go first, and the one ack (multiple) goes to the last tag not
+        nacked: it covers only this batch's unsettled messages, never a tag
+        already nacked (the broker would close the channel for that).
+        """
+        for tag, _, properties, _ in batch:
+            if tag in dead:
+                log.warning("rejected message %r: %s", properties.message_id, dead[tag])
+                channel.basic_nack(tag, requeue=False)
+        kept = [tag for tag, _, _, _ in batch if tag not in dead]
+        if kept:
+            channel.basic_ack(kept[-1], multiple=True)
 
     def _sleep(self, conn, seconds):
         """Wait, keeping the RabbitMQ connection alive; False if stopping."""

@@ -2,7 +2,7 @@
 CREATE EXTENSION IF NOT EXISTS pg_trgm;
 
 CREATE TABLE IF NOT EXISTS movies (
-    id          integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     title       text NOT NULL,
     description text NOT NULL DEFAULT ''
 );
@@ -13,3 +13,13 @@ CREATE TABLE IF NOT EXISTS movies (
 CREATE INDEX IF NOT EXISTS movies_title_trgm
     ON movies USING gin (title gin_trgm_ops) WITH (fastupdate = off);
 ALTER INDEX movies_title_trgm SET (fastupdate = off);
+
+-- Ids were integer before; widen them in place (rewrites the table once, under a
+-- lock; the identity sequence becomes bigint with it); a no-op once bigint.
+DO $$
+BEGIN
+    IF (SELECT atttypid = 'integer'::regtype FROM pg_attribute
+        WHERE attrelid = 'movies'::regclass AND attname = 'id') THEN
+        ALTER TABLE movies ALTER COLUMN id TYPE bigint;
+    END IF;
+END $$;

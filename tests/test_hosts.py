@@ -240,6 +240,7 @@ def three_hosts(pytestconfig):
         pytest.skip(check.stdout.strip())
     assert check.returncode == 0, check.stdout + check.stderr
     hosts("down", timeout=300)  # leftovers of an earlier run that was killed
+    ip_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
     start = time.monotonic()
     try:
         up = hosts("up", timeout=600)
@@ -270,12 +271,10 @@ def three_hosts(pytestconfig):
         figure(f"hosts.sh down: {time.monotonic() - start:.0f} s")
         assert down.returncode == 0, down.stdout + down.stderr
         assert not Path("/var/lib/movie-shop/hosts").exists()
-        assert (
-            "movieshop0"
-            not in subprocess.run(
-                ["ip", "-o", "link"], capture_output=True, text=True, check=False
-            ).stdout
-        )
+        assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == ip_forward
+        for cmd in (["ip", "-o", "link"], ["ip", "netns"], ["nft", "list", "tables"]):
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            assert not re.search(r"movieshop|movie-shop|movie_shop", out.stdout), out
 
 
 # --- One environment for Vagrant and the hosts ---

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pika
@@ -125,6 +126,12 @@ def test_rabbitmq_users_can_do_only_their_job(apps):
     }
     for what, (login, action) in allowed.items():
         assert attempt(*login, action) == "ok", what
+    # Users that may not declare still serve: both check that the queues exist.
+    url = f"http://127.0.0.1:{ENV['GATEWAY_PORT']}/health"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert json.loads(resp.read())["rabbitmq"] == "ok"
+    consumers = run("rabbitmqctl", "-q", "list_consumers", "queue_name", "channel_pid")
+    assert queue in consumers.stdout.split(), consumers.stdout
     # The machine's own guest stays (the tests use it on 127.0.0.1).
     assert "guest" in run("rabbitmqctl", "-q", "list_users").stdout.split()
 

@@ -18,7 +18,7 @@ ensure_database "$BILLING_DB_USER" "$BILLING_DB_PASSWORD" "$BILLING_DB_NAME" \
   "$REPO_DIR/sql/billing_schema.sql" "$BILLING_DB_PORT"
 ensure_rabbitmq
 apt_install libpq5  # billing.py runs psycopg over the system libpq
-ensure_venv billing
+ensure_venv billing "$(service_user billing)"
 ensure_billing_rabbitmq
 ensure_node_pm2
 pm2_start_app billing_app

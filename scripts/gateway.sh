@@ -13,7 +13,7 @@ require_env GATEWAY_HOST GATEWAY_PORT INVENTORY_HOST INVENTORY_PORT \
 
 log "gateway: provisioning in $REPO_DIR"
 apt_install curl
-ensure_venv gateway
+ensure_venv gateway "$(service_user gateway)"
 ensure_node_pm2
 # /docs serves node_modules/swagger-ui-dist (package-lock.json pins it). Install
 # only when it is missing: npm ci would wipe a node_modules that is already there.

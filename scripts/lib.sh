@@ -168,20 +168,31 @@ ensure_node_pm2() {
   fi
 }
 
-# ensure_venv SERVICE: $VENV_ROOT/SERVICE with requirements-SERVICE.txt installed.
-# pip only runs when the requirements changed since the last install.
+# ensure_venv SERVICE [USER]: $VENV_ROOT/SERVICE with requirements-SERVICE.txt
+# installed, on Debian's /usr/bin/python3 (a python3 earlier on root's PATH,
+# e.g. pyenv's under /root, is out of other users' reach); with USER, also
+# that USER (made if missing) can run it. pip only runs when the requirements
+# changed since the last install.
 ensure_venv() {
-  local service="$1"
+  local service="$1" user="${2:-}"
   local requirements="$REPO_DIR/requirements-$service.txt"
   local venv="$VENV_ROOT/$service"
   local stamp
   [[ -f "$requirements" ]] || die "missing $requirements"
   apt_install python3
   apt_install python3-venv
+  if [[ -n "$user" ]]; then
+    ensure_service_user "$user"
+    if [[ -x "$venv/bin/python" ]] && ! runuser -u "$user" -- "$venv/bin/python" -c "" 2>/dev/null; then
+      log "venv: $user cannot run $venv/bin/python, making it again"
+      rm -f "$venv/.requirements.sha256"
+      /usr/bin/python3 -m venv --clear "$venv"
+    fi
+  fi
   if ! "$venv/bin/python" -c "" 2>/dev/null; then
     log "venv: creating $venv"
     mkdir -p "$VENV_ROOT"
-    python3 -m venv --clear "$venv"
+    /usr/bin/python3 -m venv --clear "$venv"
   fi
   # The stamp covers the file and the files it includes with "-r other.txt".
   local files=("$requirements") included

@@ -44,7 +44,9 @@ def apps():
         pytest.fail(f"pm2 is not installed; {START_HINT}")
     out = run("pm2", "jlist").stdout
     listing = json.loads(out[out.index("[") :])
-    found = {a["name"]: a["pid"] for a in listing if a["pm2_env"]["status"] == "online"}
+    found = {
+        a["name"]: a.get("pid") for a in listing if a["pm2_env"]["status"] == "online"
+    }
     missing = set(USER_OF) - set(found)
     if missing:
         pytest.fail(f"not online under root's PM2: {sorted(missing)}; {START_HINT}")

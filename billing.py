@@ -10,8 +10,8 @@ the parser is dead-lettered instead of killing billing a second time.
 
 Settings (environment, then .env beside this file): BILLING_DB_HOST,
 BILLING_DB_PORT, BILLING_DB_SSLMODE, BILLING_DB_NAME, BILLING_DB_USER,
-BILLING_DB_PASSWORD, RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_USER,
-RABBITMQ_PASSWORD, RABBITMQ_QUEUE; optional LOG_LEVEL (INFO).
+BILLING_DB_PASSWORD, RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_BILLING_USER,
+RABBITMQ_BILLING_PASSWORD, RABBITMQ_QUEUE; optional LOG_LEVEL (INFO).
 
 Each order is logged with its message_id (the gateway's X-Message-Id) when it
 is stored (INFO, stdout) or dead-lettered (WARNING, stderr).
@@ -39,6 +39,7 @@ import pika
 import psycopg
 from dotenv import load_dotenv
 from pika.exceptions import AMQPError
+from pika.exceptions import ChannelClosedByBroker
 
 log = logging.getLogger("billing")
 
@@ -52,6 +53,7 @@ MAX_MESSAGE_ID = 255
 MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
 MAX_BODY = 64 * 1024  # bytes; the gateway takes no larger order, one is ~80 bytes
 PARSE_TIMEOUT = 5  # seconds to parse a message (or batch); a hang beyond is a crash
+ACCESS_REFUSED = 403  # AMQP reply code: the user lacks the right
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
 _INTEGER = re.compile(r"[0-9]{1,10}")
 _AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
@@ -67,8 +69,8 @@ REQUIRED = (
     "BILLING_DB_PASSWORD",
     "RABBITMQ_HOST",
     "RABBITMQ_PORT",
-    "RABBITMQ_USER",
-    "RABBITMQ_PASSWORD",
+    "RABBITMQ_BILLING_USER",
+    "RABBITMQ_BILLING_PASSWORD",
     "RABBITMQ_QUEUE",
 )
 
@@ -271,6 +273,7 @@ class Consumer:
         self.params, self.queue, self.conninfo = params, queue, conninfo
         self.stopping = False
         self._db = None
+        self._check_only = False  # the broker refused to let us declare queues
 
     def stop(self, signum=None, frame=None):
         """Ask the consumer to finish its batch and exit (signal handler)."""
@@ -296,11 +299,7 @@ class Consumer:
     def _consume(self, conn):
         """Declare the queues, then store batches until stopped or disconnected."""
         try:
-            channel = conn.channel()
-            channel.queue_declare(f"{self.queue}.dead", durable=True)
-            channel.queue_declare(
-                self.queue, durable=True, arguments=queue_arguments(self.queue)
-            )
+            channel = self._declare(conn)
             channel.basic_qos(prefetch_count=PREFETCH)
             log.info("consuming from queue %s", self.queue)
             batch, started = [], 0.0
@@ -324,6 +323,30 @@ class Consumer:
         finally:
             if conn.is_open:
                 conn.close()
+
+    def _declare(self, conn):
+        """Declare both queues on a new channel and return it.
+
+        A user that may not declare them (billing's on the VMs may only
+        consume) checks, on a second channel, that they exist.
+        """
+        channel = conn.channel()
+        if not self._check_only:
+            try:
+                channel.queue_declare(f"{self.queue}.dead", durable=True)
+                channel.queue_declare(
+                    self.queue, durable=True, arguments=queue_arguments(self.queue)
+                )
+                return channel
+            except ChannelClosedByBroker as exc:
+                if exc.reply_code != ACCESS_REFUSED:
+                    raise
+            log.info("may not declare queue %s: checking that it exists", self.queue)
+            self._check_only = True
+            channel = conn.channel()
+        channel.queue_declare(f"{self.queue}.dead", durable=True, passive=True)
+        channel.queue_declare(self.queue, durable=True, passive=True)
+        return channel
 
     def _store(self, conn, channel, batch):
         """Store a batch; if it fails unexpectedly, store its messages one by one.
@@ -503,7 +526,7 @@ def main():
         host=config["RABBITMQ_HOST"],
         port=int(config["RABBITMQ_PORT"]),
         credentials=pika.PlainCredentials(
-            config["RABBITMQ_USER"], config["RABBITMQ_PASSWORD"]
+            config["RABBITMQ_BILLING_USER"], config["RABBITMQ_BILLING_PASSWORD"]
         ),
         heartbeat=30,
         socket_timeout=3,

@@ -10,7 +10,8 @@ Routes (a trailing slash is accepted on each):
 
 Settings (environment, then .env beside this file): GATEWAY_HOST, GATEWAY_PORT,
 INVENTORY_HOST, INVENTORY_PORT, INVENTORY_TIMEOUT, RABBITMQ_HOST, RABBITMQ_PORT,
-RABBITMQ_USER, RABBITMQ_PASSWORD, RABBITMQ_QUEUE; optional LOG_LEVEL (INFO).
+RABBITMQ_GATEWAY_USER, RABBITMQ_GATEWAY_PASSWORD, RABBITMQ_QUEUE; optional
+LOG_LEVEL (INFO).
 
 Every answer carries an X-Request-Id (the client's, if sane), also sent to
 inventory and written in the access line (LOG_LEVEL=DEBUG). POST /api/billing
@@ -61,6 +62,7 @@ MAX_HEAD = 64 * 1024
 SHUTDOWN_GRACE = 3  # seconds for requests in flight at SIGTERM (PM2 kills at 5)
 MAX_CONNECTIONS = 512  # open client connections, one thread each
 PUBLISH_TIMEOUT = 4  # seconds to wait for RabbitMQ's confirm before 503
+ACCESS_REFUSED = 403  # AMQP reply code: the user lacks the right
 UPSTREAM_IDLE = 4  # seconds an idle upstream connection is kept (inventory: 10)
 # One line per request (method, path, status, duration, request id): at INFO
 # it cost W1 18% of its throughput (same-run bench), so LOG_LEVEL=DEBUG only.
@@ -133,8 +135,8 @@ REQUIRED = (
     "INVENTORY_TIMEOUT",
     "RABBITMQ_HOST",
     "RABBITMQ_PORT",
-    "RABBITMQ_USER",
-    "RABBITMQ_PASSWORD",
+    "RABBITMQ_GATEWAY_USER",
+    "RABBITMQ_GATEWAY_PASSWORD",
     "RABBITMQ_QUEUE",
 )
 
@@ -428,7 +430,8 @@ class Publisher:
     Messages are published with `mandatory` on a confirming channel, and the
     caller waits for RabbitMQ's ack: only then is an order safe. A message that
     comes back unroutable (the queue was deleted) is published once more after
-    declaring the queues again.
+    declaring the queues again. A user without the right to declare queues (the
+    gateway's on the VMs may only publish) checks that they exist instead.
     """
 
     def __init__(self, params, queue):
@@ -449,6 +452,7 @@ class Publisher:
         self._state = None  # (consumers, ready) of the queue, or why unknown
         self._state_time = -QUEUE_STATE_AGE
         self._state_lock = threading.Lock()
+        self._check_only = False  # the broker refused to let us declare queues
 
     def start(self):
         """Connect in a background thread, reconnecting until stop()."""
@@ -592,15 +596,21 @@ class Publisher:
         )
 
     def _declare(self, channel, then):
-        """Declare the dead-letter queue, then the queue (both durable); then then()."""
+        """Declare the dead-letter queue, then the queue (both durable); then then().
+
+        Once the broker has refused a declaration, only check (passively) that
+        both exist: a missing queue then closes the channel and orders get 503.
+        """
+        if self._check_only:
+            dead, main = {"passive": True}, {"passive": True}
+        else:
+            dead, main = {}, {"arguments": queue_arguments(self.queue)}
         channel.queue_declare(
             f"{self.queue}.dead",
             durable=True,
+            **dead,
             callback=lambda _: channel.queue_declare(
-                self.queue,
-                durable=True,
-                arguments=queue_arguments(self.queue),
-                callback=lambda _: then(),
+                self.queue, durable=True, **main, callback=lambda _: then()
             ),
         )
 
@@ -612,14 +622,25 @@ class Publisher:
         log.info("publishing to queue %s", self.queue)
 
     def _on_channel_closed(self, channel, reason):
-        """pika: the channel closed (a failed declaration, say): reconnect."""
-        log.warning("RabbitMQ channel closed: %s", reason)
+        """pika: the channel closed (a failed declaration, say): reconnect.
+
+        A declaration refused for lack of rights opens a new channel at once,
+        which only checks that the queues exist.
+        """
         self.ready.clear()
         self.problem = f"channel closed: {reason}"
         self._channel = None
         self._fail_all("channel closed")
-        if self._conn is not None and self._conn.is_open:
-            self._conn.close()
+        refused = getattr(reason, "reply_code", None) == ACCESS_REFUSED
+        conn = self._conn
+        if refused and not self._check_only and conn is not None and conn.is_open:
+            log.info("may not declare queue %s: checking that it exists", self.queue)
+            self._check_only = True
+            conn.channel(on_open_callback=self._on_channel)
+            return
+        log.warning("RabbitMQ channel closed: %s", reason)
+        if conn is not None and conn.is_open:
+            conn.close()
 
     def _send(self, outgoing):
         """Publish one message (runs in the ioloop thread)."""
@@ -1271,7 +1292,7 @@ def main():
         host=config["RABBITMQ_HOST"],
         port=int(config["RABBITMQ_PORT"]),
         credentials=pika.PlainCredentials(
-            config["RABBITMQ_USER"], config["RABBITMQ_PASSWORD"]
+            config["RABBITMQ_GATEWAY_USER"], config["RABBITMQ_GATEWAY_PASSWORD"]
         ),
         heartbeat=30,
         blocked_connection_timeout=10,

@@ -81,9 +81,9 @@ purge_postgres() {
   restore_file /etc/postgresql/*/main/conf.d/50-movie-shop.conf
 }
 
-# purge_rabbitmq: the queue pair and the user from .env (never guest).
+# purge_rabbitmq: the queue pair and the two users from .env (never guest).
 purge_rabbitmq() {
-  local queue
+  local queue user
   command -v rabbitmqctl >/dev/null && rabbitmq_running || return 0
   for queue in "$RABBITMQ_QUEUE" "$RABBITMQ_QUEUE.dead"; do
     if rabbitmqctl -q list_queues name | grep -qxF -- "$queue"; then
@@ -91,11 +91,13 @@ purge_rabbitmq() {
       rabbitmqctl -q delete_queue "$queue" >/dev/null
     fi
   done
-  if [[ "$RABBITMQ_USER" != guest ]] &&
-    rabbitmqctl -q list_users | cut -f1 | grep -qxF -- "$RABBITMQ_USER"; then
-    log "rabbitmq: deleting user $RABBITMQ_USER"
-    rabbitmqctl -q delete_user "$RABBITMQ_USER" >/dev/null
-  fi
+  for user in "$RABBITMQ_GATEWAY_USER" "$RABBITMQ_BILLING_USER"; do
+    if [[ "$user" != guest ]] &&
+      rabbitmqctl -q list_users | cut -f1 | grep -qxF -- "$user"; then
+      log "rabbitmq: deleting user $user"
+      rabbitmqctl -q delete_user "$user" >/dev/null
+    fi
+  done
   if grep -qs "Managed by scripts/billing.sh" /etc/rabbitmq/rabbitmq.conf; then
     restore_file /etc/rabbitmq/rabbitmq.conf
     if is_systemd; then
@@ -139,7 +141,7 @@ if ((purge == 0)); then
 fi
 
 require_env INVENTORY_DB_NAME INVENTORY_DB_USER BILLING_DB_NAME BILLING_DB_USER \
-  RABBITMQ_USER RABBITMQ_QUEUE
+  RABBITMQ_GATEWAY_USER RABBITMQ_BILLING_USER RABBITMQ_QUEUE
 purge_postgres
 purge_rabbitmq
 for dir in "$VENV_ROOT" "$LOG_DIR" "$REPO_DIR/node_modules"; do

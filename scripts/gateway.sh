@@ -9,11 +9,11 @@ REPO_DIR="${REPO_DIR:-$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)}"
 source "$REPO_DIR/scripts/lib.sh"
 load_env "$REPO_DIR/.env"
 require_env GATEWAY_HOST GATEWAY_PORT INVENTORY_HOST INVENTORY_PORT \
-  RABBITMQ_HOST RABBITMQ_PORT RABBITMQ_USER RABBITMQ_PASSWORD RABBITMQ_QUEUE
+  RABBITMQ_HOST RABBITMQ_PORT RABBITMQ_GATEWAY_USER RABBITMQ_GATEWAY_PASSWORD RABBITMQ_QUEUE
 
 log "gateway: provisioning in $REPO_DIR"
 apt_install curl
-ensure_venv gateway
+ensure_venv gateway "$(service_user gateway)"
 ensure_node_pm2
 # /docs serves node_modules/swagger-ui-dist (package-lock.json pins it). Install
 # only when it is missing: npm ci would wipe a node_modules that is already there.

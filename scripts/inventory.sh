@@ -15,7 +15,7 @@ log "inventory: provisioning in $REPO_DIR"
 ensure_postgres
 ensure_database "$INVENTORY_DB_USER" "$INVENTORY_DB_PASSWORD" "$INVENTORY_DB_NAME" \
   "$REPO_DIR/sql/inventory_schema.sql" "$INVENTORY_DB_PORT"
-ensure_venv inventory
+ensure_venv inventory "$(service_user inventory)"
 ensure_node_pm2
 pm2_start_app inventory_app
 pm2_persist inventory_app

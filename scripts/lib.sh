@@ -168,20 +168,31 @@ ensure_node_pm2() {
   fi
 }
 
-# ensure_venv SERVICE: $VENV_ROOT/SERVICE with requirements-SERVICE.txt installed.
-# pip only runs when the requirements changed since the last install.
+# ensure_venv SERVICE [USER]: $VENV_ROOT/SERVICE with requirements-SERVICE.txt
+# installed, on Debian's /usr/bin/python3 (a python3 earlier on root's PATH,
+# e.g. pyenv's under /root, is out of other users' reach); with USER, also
+# that USER (made if missing) can run it. pip only runs when the requirements
+# changed since the last install.
 ensure_venv() {
-  local service="$1"
+  local service="$1" user="${2:-}"
   local requirements="$REPO_DIR/requirements-$service.txt"
   local venv="$VENV_ROOT/$service"
   local stamp
   [[ -f "$requirements" ]] || die "missing $requirements"
   apt_install python3
   apt_install python3-venv
+  if [[ -n "$user" ]]; then
+    ensure_service_user "$user"
+    if [[ -x "$venv/bin/python" ]] && ! runuser -u "$user" -- "$venv/bin/python" -c "" 2>/dev/null; then
+      log "venv: $user cannot run $venv/bin/python, making it again"
+      rm -f "$venv/.requirements.sha256"
+      /usr/bin/python3 -m venv --clear "$venv"
+    fi
+  fi
   if ! "$venv/bin/python" -c "" 2>/dev/null; then
     log "venv: creating $venv"
     mkdir -p "$VENV_ROOT"
-    python3 -m venv --clear "$venv"
+    /usr/bin/python3 -m venv --clear "$venv"
   fi
   # The stamp covers the file and the files it includes with "-r other.txt".
   local files=("$requirements") included
@@ -266,7 +277,8 @@ SET client_min_messages = warning;
 SET password_encryption = 'scram-sha-256';
 SELECT 'CREATE ROLE $role LOGIN'
  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$role') \gexec
-ALTER ROLE $role WITH LOGIN PASSWORD :'db_password';
+ALTER ROLE $role WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS
+  PASSWORD :'db_password';
 SELECT 'CREATE DATABASE $db OWNER $role'
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$db') \gexec
 ALTER DATABASE $db OWNER TO $role;
@@ -316,32 +328,48 @@ ensure_pg_hba() {
 # --- RabbitMQ ---
 
 # ensure_rabbitmq: RabbitMQ installed and running; when RABBITMQ_HOST is not a
-# loopback address (the VMs) it also accepts connections from other hosts.
+# loopback address (the VMs) it also takes AMQP on that address, and keeps the
+# Erlang distribution port and epmd (what rabbitmqctl uses) on loopback.
 ensure_rabbitmq() {
-  local listeners
+  local listeners node_ip changed=0
   apt_install rabbitmq-server
   if ! is_loopback "$RABBITMQ_HOST"; then
-    # guest keeps its default: loopback only. The services use RABBITMQ_USER.
+    # rabbitmqctl reaches the node at its host name: Debian maps it to 127.0.1.1.
+    node_ip="$(getent ahostsv4 "$(hostname -s)" | awk 'NR == 1 { print $1 }')"
+    is_loopback "$node_ip" || die "$(hostname -s) resolves to '$node_ip', not a loopback address (/etc/hosts)"
     if write_file /etc/rabbitmq/rabbitmq.conf \
-      "# Managed by scripts/billing.sh: AMQP on every interface so gateway-vm" \
-      "# can publish; the guest user stays limited to localhost." \
-      "listeners.tcp.default = $RABBITMQ_PORT" \
+      "# Managed by scripts/billing.sh: AMQP on this VM's address (for gateway-vm)" \
+      "# and on loopback; the Erlang distribution port on loopback only." \
+      "listeners.tcp.1 = 127.0.0.1:$RABBITMQ_PORT" \
+      "listeners.tcp.2 = $RABBITMQ_HOST:$RABBITMQ_PORT" \
+      "distribution.listener.interface = $node_ip" \
       "loopback_users.guest = true"; then
-      if rabbitmq_running; then
-        if is_systemd; then
-          log "rabbitmq: restarting to apply /etc/rabbitmq/rabbitmq.conf"
-          systemctl restart rabbitmq-server
-        else
-          log "warning: restart RabbitMQ to apply /etc/rabbitmq/rabbitmq.conf"
-        fi
-      fi
+      changed=1
+    fi
+    if write_file /etc/systemd/system/epmd.socket.d/movie-shop.conf \
+      "# Managed by scripts/billing.sh: epmd on loopback only." \
+      "[Socket]" "ListenStream=" "ListenStream=127.0.0.1:4369" \
+      "$([[ "$node_ip" == 127.0.0.1 ]] || echo "ListenStream=$node_ip:4369")"; then
+      changed=1
+    fi
+    if ((changed)) && is_systemd; then
+      log "rabbitmq: restarting with epmd and AMQP on their addresses"
+      systemctl daemon-reload
+      systemctl stop rabbitmq-server epmd.socket epmd.service
+      systemctl start epmd.socket
+    elif ((changed)) && rabbitmq_running; then
+      log "warning: restart RabbitMQ to apply /etc/rabbitmq/rabbitmq.conf"
     fi
   fi
   start_rabbitmq
   if ! is_loopback "$RABBITMQ_HOST"; then
     listeners="$(rabbitmq-diagnostics -q listeners)"
-    if ! grep "protocol: amqp" <<<"$listeners" | grep -qv "127.0.0.1"; then
-      die "rabbitmq listens on loopback only; check /etc/rabbitmq/rabbitmq-env.conf"
+    if ! grep "protocol: amqp" <<<"$listeners" | grep -qF "$RABBITMQ_HOST"; then
+      die "rabbitmq does not listen on $RABBITMQ_HOST; check /etc/rabbitmq/rabbitmq-env.conf"
+    fi
+    if rabbitmqctl -q list_users | cut -f1 | grep -qx guest; then
+      log "rabbitmq: deleting the guest user"
+      rabbitmqctl -q delete_user guest >/dev/null
     fi
   fi
 }
@@ -362,7 +390,8 @@ start_rabbitmq() {
   rabbitmqctl -q await_startup --timeout 120 >/dev/null
 }
 
-# ensure_rabbitmq_user USER PASSWORD: USER with PASSWORD and full rights on vhost /.
+# ensure_rabbitmq_user USER PASSWORD CONFIGURE WRITE READ: USER with PASSWORD
+# and these rights (regular expressions of resource names) on vhost /.
 ensure_rabbitmq_user() {
   local user="$1" password="$2" users
   users="$(rabbitmqctl -q list_users | cut -f1)"
@@ -373,13 +402,41 @@ ensure_rabbitmq_user() {
     log "rabbitmq: adding user $user"
     printf '%s\n' "$password" | rabbitmqctl -q add_user "$user" >/dev/null
   fi
-  rabbitmqctl -q set_permissions -p / "$user" ".*" ".*" ".*"
+  rabbitmqctl -q set_permissions -p / "$user" "$3" "$4" "$5"
 }
 
-# declare_billing_queues: the durable queue and its dead-letter queue, declared
-# as the services declare them, with the services' own user and address.
+# regex_quote TEXT: TEXT as a regular expression matching only itself.
+regex_quote() {
+  # shellcheck disable=SC2001,SC2016  # a sed bracket expression, not a parameter
+  sed 's/[].[\\*^$()+?{}|]/\\&/g' <<<"$1"
+}
+
+# ensure_billing_rabbitmq: the two service users and the queues. The gateway
+# may publish through the default exchange (which routes by queue name) and
+# nothing else; billing may consume billing_queue and nothing else (RabbitMQ
+# dead-letters what billing rejects without any right of billing's). Neither
+# may declare, purge or delete a queue, so the queues are declared here.
+ensure_billing_rabbitmq() {
+  local queue
+  queue="$(regex_quote "$RABBITMQ_QUEUE")"
+  ensure_rabbitmq_user "$RABBITMQ_GATEWAY_USER" "$RABBITMQ_GATEWAY_PASSWORD" \
+    '^$' '^amq\.default$' '^$'
+  ensure_rabbitmq_user "$RABBITMQ_BILLING_USER" "$RABBITMQ_BILLING_PASSWORD" \
+    '^$' '^$' "^$queue\$"
+  declare_billing_queues
+}
+
+# declare_billing_queues: the durable queue, dead-lettering to its dead-letter
+# queue, and that queue, declared as the services would declare them, by a
+# user that exists only meanwhile, with just the rights a declaration needs.
 declare_billing_queues() {
-  "$VENV_ROOT/billing/bin/python" - <<'PY'
+  local user=movie-shop-provision password queue
+  queue="$(regex_quote "$RABBITMQ_QUEUE")"
+  password="$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
+  ensure_rabbitmq_user "$user" "$password" "^$queue(\\.dead)?\$" '^amq\.default$' "^$queue\$"
+  local status=0
+  MOVIE_SHOP_MQ_USER="$user" MOVIE_SHOP_MQ_PASSWORD="$password" \
+    "$VENV_ROOT/billing/bin/python" - <<'PY' || status=$?
 """Declare billing_queue (dead-lettering to billing_queue.dead) and billing_queue.dead."""
 import os
 import sys
@@ -389,10 +446,10 @@ import pika
 queue = os.environ["RABBITMQ_QUEUE"]
 dead = f"{queue}.dead"
 params = pika.ConnectionParameters(
-    host=os.environ["RABBITMQ_HOST"],
+    host="127.0.0.1",
     port=int(os.environ["RABBITMQ_PORT"]),
     credentials=pika.PlainCredentials(
-        os.environ["RABBITMQ_USER"], os.environ["RABBITMQ_PASSWORD"]
+        os.environ["MOVIE_SHOP_MQ_USER"], os.environ["MOVIE_SHOP_MQ_PASSWORD"]
     ),
     connection_attempts=10,
     retry_delay=2,
@@ -411,6 +468,8 @@ except pika.exceptions.ChannelClosedByBroker as exc:
              f"delete it with: sudo rabbitmqctl delete_queue {queue}")
 print(f"==> rabbitmq: queues {queue} and {dead} declared")
 PY
+  rabbitmqctl -q delete_user "$user" >/dev/null
+  return "$status"
 }
 
 # --- PM2 ---
@@ -435,17 +494,20 @@ pm2_app_field() {
 }
 
 pm2_start_app() {
-  local app="$1" args=()
-  mkdir -p "$LOG_DIR"
+  local app="$1" args=() user
+  user="$(service_user "${app_venv[$app]}")"
+  ensure_service_user "$user"
+  protect_files "$app"
   if [[ -n "${PM2_ENV:-}" ]]; then
     args+=(--env "$PM2_ENV")
   fi
-  # A reload keeps the app's old paths: an app started from another checkout
-  # (or with another venv) is replaced instead.
+  # A reload keeps the app's old paths and user: an app started from another
+  # checkout (or with another venv, or as another user) is replaced instead.
   if [[ "$(pm2_app_field "$app" pm_exec_path)" != "" &&
     ("$(pm2_app_field "$app" pm_exec_path)" != "$REPO_DIR/${app_script[$app]}" ||
-    "$(pm2_app_field "$app" exec_interpreter)" != "$VENV_ROOT/${app_venv[$app]}/bin/python") ]]; then
-    log "pm2: $app runs from elsewhere, replacing it"
+    "$(pm2_app_field "$app" exec_interpreter)" != "$VENV_ROOT/${app_venv[$app]}/bin/python" ||
+    "$(pm2_app_field "$app" uid)" != "$user") ]]; then
+    log "pm2: $app runs from elsewhere or as another user, replacing it"
     pm2 delete "$app" >/dev/null
   fi
   log "pm2: start or reload $app"
@@ -476,6 +538,74 @@ pm2_persist() {
     "[Service]" "${starts[@]}"; then
     systemctl daemon-reload
   fi
+}
+
+# --- Service users and their files ---
+
+# Every service runs as its own system user, movie-<service>, whose primary
+# group SERVICE_GROUP may read .env and the logs (ecosystem.config.js names
+# both; PM2 drops supplementary groups, so only the primary group counts).
+SERVICE_GROUP=movie-shop
+
+service_user() {
+  printf 'movie-%s\n' "$1"
+}
+
+# ensure_service_user USER: a system user with no login shell, no home and no
+# sudo, in the group SERVICE_GROUP.
+ensure_service_user() {
+  local user="$1"
+  if ! getent group "$SERVICE_GROUP" >/dev/null; then
+    groupadd --system "$SERVICE_GROUP"
+  fi
+  if ! getent passwd "$user" >/dev/null; then
+    log "users: adding system user $user (group $SERVICE_GROUP, no login)"
+    useradd --system --gid "$SERVICE_GROUP" --home-dir /nonexistent --no-create-home \
+      --shell /usr/sbin/nologin "$user"
+  fi
+}
+
+# protect_files APP: .env and APP's PM2 logs owned by root, readable by the
+# group SERVICE_GROUP (0640), never by other users; PM2 (root) writes the logs,
+# the service writes nothing. Where systemd runs, logrotate keeps them bounded.
+protect_files() {
+  local app="$1" file
+  chown root:"$SERVICE_GROUP" "$REPO_DIR/.env"
+  chmod 0640 "$REPO_DIR/.env"
+  install -d -m 0750 -o root -g "$SERVICE_GROUP" "$LOG_DIR"
+  for file in "$LOG_DIR/$app.out.log" "$LOG_DIR/$app.err.log"; do
+    [[ -e "$file" ]] || : >"$file"
+    chown root:"$SERVICE_GROUP" "$file"
+    chmod 0640 "$file"
+  done
+  if is_systemd; then
+    ensure_logrotate
+  fi
+}
+
+# ensure_logrotate: the logs rotate when a day has passed or when one passes
+# 20 MiB (checked hourly), 7 kept; copytruncate keeps PM2's open file, its
+# owner and mode.
+ensure_logrotate() {
+  apt_install logrotate
+  write_file /etc/logrotate.d/movie-shop \
+    "# Managed by scripts/lib.sh: the PM2 logs of the movie shop's apps." \
+    "$LOG_DIR/*.log {" \
+    "    daily" \
+    "    maxsize 20M" \
+    "    rotate 7" \
+    "    compress" \
+    "    delaycompress" \
+    "    missingok" \
+    "    notifempty" \
+    "    copytruncate" \
+    "}" || true
+  if write_file /etc/systemd/system/logrotate.timer.d/movie-shop.conf \
+    "# Managed by scripts/lib.sh: check sizes hourly (daily rules still rotate daily)." \
+    "[Timer]" "OnCalendar=" "OnCalendar=hourly" "AccuracySec=1m"; then
+    systemctl daemon-reload
+  fi
+  systemctl enable --quiet --now logrotate.timer
 }
 
 # --- Files ---

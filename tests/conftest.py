@@ -161,8 +161,10 @@ def rabbit_env(queue):
     return {
         "RABBITMQ_HOST": "127.0.0.1",
         "RABBITMQ_PORT": "5672",
-        "RABBITMQ_USER": "guest",
-        "RABBITMQ_PASSWORD": "guest",
+        "RABBITMQ_GATEWAY_USER": "guest",
+        "RABBITMQ_GATEWAY_PASSWORD": "guest",
+        "RABBITMQ_BILLING_USER": "guest",
+        "RABBITMQ_BILLING_PASSWORD": "guest",
         "RABBITMQ_QUEUE": queue,
     }
 

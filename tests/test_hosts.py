@@ -61,13 +61,24 @@ LISTENERS = {
     BILLING_VM: {
         ("127.0.0.1", "5432", "postgres"),
         ("[::1]", "5432", "postgres"),
-        # RabbitMQ: AMQP for gateway-vm; the Erlang distribution port and epmd
-        # (socket-activated by systemd) come with the Debian package.
-        ("*", VM_ENV["RABBITMQ_PORT"], "beam.smp"),
-        ("0.0.0.0", "25672", "beam.smp"),
-        ("*", "4369", "epmd"),
+        # RabbitMQ: AMQP on billing-vm's address (for gateway-vm) and loopback;
+        # the Erlang distribution port and epmd (socket-activated by systemd)
+        # on loopback only, for rabbitmqctl, which finds the node at the host
+        # name's address: 127.0.1.1, as Debian (and Vagrant) map it.
+        (BILLING_IP, VM_ENV["RABBITMQ_PORT"], "beam.smp"),
+        ("127.0.0.1", VM_ENV["RABBITMQ_PORT"], "beam.smp"),
+        ("127.0.1.1", "25672", "beam.smp"),
+        ("127.0.0.1", "4369", "epmd"),
+        ("127.0.1.1", "4369", "epmd"),
     },
 }
+# Each service's own system user (primary group SERVICE_GROUP), per host.
+SERVICE_USER = {
+    GATEWAY_VM: "movie-gateway",
+    INVENTORY_VM: "movie-inventory",
+    BILLING_VM: "movie-billing",
+}
+SERVICE_GROUP = "movie-shop"
 
 FIGURES = []
 
@@ -432,7 +443,9 @@ def test_network_as_designed(three_hosts):
     assert logins["project"] == "ok", logins
     assert "ACCESS_REFUSED" in logins["guest"], logins
     figure(f"network: RabbitMQ from gateway-vm: guest -> {logins['guest'][:60]}...")
-    figure(f"network: RabbitMQ from gateway-vm: {VM_ENV['RABBITMQ_USER']} -> ok")
+    figure(
+        f"network: RabbitMQ from gateway-vm: {VM_ENV['RABBITMQ_GATEWAY_USER']} -> ok"
+    )
 
     for client, address in (
         (GATEWAY_VM, INVENTORY_IP),
@@ -488,9 +501,202 @@ def login(user, password):
 
 print(json.dumps({
     "guest": login("guest", "guest"),
-    "project": login(env["RABBITMQ_USER"], env["RABBITMQ_PASSWORD"]),
+    "project": login(env["RABBITMQ_GATEWAY_USER"], env["RABBITMQ_GATEWAY_PASSWORD"]),
 }))
 """
+
+
+# --- Least privilege ---
+
+
+def as_user(name, user, *cmd):
+    """Run cmd inside host name as user (no shell, no supplementary groups)."""
+    return hosts("exec", name, "--", "runuser", "-u", user, "--", *cmd)
+
+
+def test_services_run_as_their_own_users(three_hosts):
+    """Each app under its own system user (no shell, no sudo), shown by sudo pm2 list;
+    it can write nothing in the repository copy or its virtualenv."""
+    venv = VM_ENV["VENV_ROOT"]
+    for name, app in APP_OF.items():
+        user = SERVICE_USER[name]
+        status, pid, _ = pm2_apps(name)[app]
+        assert status == "online"
+        assert on(name, "ps", "-o", "user:32=", "-p", str(pid)).strip() == user
+        _, _, uid, _, _, _, shell = on(name, "getent", "passwd", user).split(":")
+        assert shell.strip() == "/usr/sbin/nologin" and int(uid) < 1000, (uid, shell)
+        assert on(name, "id", "-gn", user).strip() == SERVICE_GROUP
+        assert "sudo" not in on(name, "id", "-nG", user).split()
+        sudo = hosts("exec", name, "--", "sudo", "-l", "-U", user)
+        assert "not allowed to run sudo" in sudo.stdout, sudo.stdout + sudo.stderr
+        found = as_user(name, user, "find", "/vagrant", venv, "-writable", "-print")
+        assert found.returncode == 0 and found.stdout == "", found.stdout[:500]
+        figure(
+            f"privileges: {name}: {app} pid {pid} runs as {user}, shell {shell.strip()}"
+        )
+
+
+def test_env_and_logs_readable_by_root_and_the_service_only(three_hosts):
+    """.env and the PM2 logs: root's, group SERVICE_GROUP, mode 0640; logrotate."""
+    logs = VM_ENV["LOG_DIR"]
+    for name, app in APP_OF.items():
+        user = SERVICE_USER[name]
+        files = ["/vagrant/.env", f"{logs}/{app}.out.log", f"{logs}/{app}.err.log"]
+        modes = on(name, "stat", "-c", "%n %a %U %G", *files).splitlines()
+        assert modes == [f"{f} 640 root {SERVICE_GROUP}" for f in files], modes
+        assert as_user(name, user, "cat", *files).returncode == 0
+        assert as_user(name, "nobody", "cat", files[0]).returncode != 0
+        assert as_user(name, "nobody", "cat", files[1]).returncode != 0
+        assert (
+            on(name, "systemctl", "is-enabled", "logrotate.timer").strip() == "enabled"
+        )
+    figure(f"privileges: .env and {logs}/*.log: 640 root {SERVICE_GROUP} on each host")
+
+    # A forced rotation keeps the mode, and PM2 keeps writing to the same file
+    # (billing logs to stderr; an empty log is not rotated).
+    on(BILLING_VM, "logrotate", "--force", "/etc/logrotate.d/movie-shop")
+    rotated = on(BILLING_VM, "stat", "-c", "%a %U %G", f"{logs}/billing_app.err.log.1")
+    assert rotated.split() == ["640", "root", SERVICE_GROUP], rotated
+    on(BILLING_VM, "sudo", "pm2", "restart", "billing_app")
+    wait_for(
+        lambda: (
+            on(BILLING_VM, "stat", "-c", "%s", f"{logs}/billing_app.err.log").strip()
+            != "0"
+        ),
+        30,
+        "billing_app to write to its log again after the rotation",
+    )
+    rule = on(BILLING_VM, "cat", "/etc/logrotate.d/movie-shop")
+    figure(f"privileges: logrotate: {' '.join(rule.split())}")
+
+
+def test_rabbitmq_users_can_do_only_their_job(three_hosts):
+    """gateway: passive declares and publish only; billing: consume only; no guest."""
+    results = json.loads(
+        on(
+            BILLING_VM,
+            f"{VM_ENV['VENV_ROOT']}/billing/bin/python",
+            "-",
+            stdin=AMQP_RIGHTS,
+        )
+    )
+    expected_ok = {
+        "gateway passive declare",
+        "gateway publish to the queue",
+        "billing passive declare",
+        "billing basic_get",
+    }
+    for action, result in results.items():
+        if action in expected_ok:
+            assert result == "ok", (action, result)
+        elif action == "guest from loopback":
+            assert "ProbableAuthenticationError" in result or "ACCESS_REFUSED" in result
+        else:
+            # Logged in, then refused that one action (not a refused login).
+            assert result.startswith("ChannelClosedByBroker: (403"), (action, result)
+        figure(f"rabbitmq on billing-vm: {action} -> {result[:90]}")
+    assert set(results) >= expected_ok | {"gateway basic_get", "gateway purge"}
+    users = on(BILLING_VM, "rabbitmqctl", "-q", "list_users").split()
+    assert "guest" not in users, users
+    # A message billing cannot store still reaches the dead-letter queue.
+    wait_for(
+        lambda: dead_letters() >= 1, 30, "billing to dead-letter the message it refused"
+    )
+    for client, port in ((GATEWAY_VM, "25672"), (GATEWAY_VM, "4369")):
+        assert not connects(client, BILLING_IP, port), f"{client} reaches {port}"
+    assert connects(BILLING_VM, "127.0.0.1", VM_ENV["RABBITMQ_PORT"])
+    assert not connects(BILLING_VM, "127.0.1.1", VM_ENV["RABBITMQ_PORT"])
+    figure("rabbitmq: 25672 and 4369 refused from gateway-vm; 5672 not on 127.0.1.1")
+
+
+def dead_letters():
+    """Messages in the dead-letter queue on billing-vm."""
+    out = on(BILLING_VM, "rabbitmqctl", "-q", "list_queues", "name", "messages")
+    counts = dict(line.split() for line in out.splitlines() if line.strip())
+    return int(counts.get(f"{VM_ENV['RABBITMQ_QUEUE']}.dead", 0))
+
+
+AMQP_RIGHTS = """
+import json
+
+import pika
+from dotenv import dotenv_values
+
+env = dotenv_values("/vagrant/.env")
+queue = env["RABBITMQ_QUEUE"]
+results = {}
+
+
+def attempt(what, user, password, action, host="127.0.0.1"):
+    params = pika.ConnectionParameters(
+        host,
+        int(env["RABBITMQ_PORT"]),
+        credentials=pika.PlainCredentials(user, password),
+        connection_attempts=1,
+        socket_timeout=5,
+    )
+    try:
+        with pika.BlockingConnection(params) as connection:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            action(channel)
+        results[what] = "ok"
+    except pika.exceptions.AMQPError as exc:
+        results[what] = f"{type(exc).__name__}: {exc}"
+
+
+gateway = env["RABBITMQ_GATEWAY_USER"], env["RABBITMQ_GATEWAY_PASSWORD"]
+billing = env["RABBITMQ_BILLING_USER"], env["RABBITMQ_BILLING_PASSWORD"]
+publish = lambda key: lambda ch: ch.basic_publish("", key, b"not json", mandatory=True)
+attempt("gateway passive declare", *gateway,
+        lambda ch: ch.queue_declare(queue, passive=True))
+attempt("gateway publish to the queue", *gateway, publish(queue), env["RABBITMQ_HOST"])
+attempt("gateway basic_get", *gateway, lambda ch: ch.basic_get(queue))
+attempt("gateway consume", *gateway,
+        lambda ch: ch.basic_consume(queue, lambda *a: None))
+attempt("gateway purge", *gateway, lambda ch: ch.queue_purge(queue))
+attempt("gateway delete", *gateway, lambda ch: ch.queue_delete(queue))
+attempt("gateway delete the dead-letter queue", *gateway,
+        lambda ch: ch.queue_delete(f"{queue}.dead"))
+attempt("gateway declare another queue", *gateway,
+        lambda ch: ch.queue_declare("other_queue"))
+attempt("billing passive declare", *billing,
+        lambda ch: ch.queue_declare(queue, passive=True))
+attempt("billing basic_get", *billing, lambda ch: ch.basic_get(queue))
+attempt("billing publish to another queue", *billing, publish(f"{queue}.dead"))
+attempt("billing publish to the queue", *billing, publish(queue))
+attempt("billing delete", *billing, lambda ch: ch.queue_delete(queue))
+attempt("billing read the dead letters", *billing,
+        lambda ch: ch.basic_get(f"{queue}.dead"))
+attempt("guest from loopback", "guest", "guest",
+        lambda ch: ch.queue_declare(queue, passive=True))
+print(json.dumps(results))
+"""
+
+
+def test_database_roles_own_only_their_database(three_hosts):
+    """Each service's role: its own database only, no superuser, no CREATEDB/ROLE."""
+    for name, role, db in (
+        (INVENTORY_VM, VM_ENV["INVENTORY_DB_USER"], MOVIES_DB),
+        (BILLING_VM, VM_ENV["BILLING_DB_USER"], BILLING_DB),
+    ):
+        attributes = psql(
+            name,
+            "postgres",
+            "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls"
+            f" FROM pg_roles WHERE rolname = '{role}'",
+        )
+        assert attributes == [["f"] * 5], attributes
+        owned = psql(
+            name,
+            "postgres",
+            "SELECT datname FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba"
+            f" WHERE r.rolname = '{role}'",
+        )
+        assert owned == [[db]], owned
+        figure(
+            f"postgresql on {name}: {role} owns {db} only; no superuser/createdb/createrole"
+        )
 
 
 # --- Reboots ---

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ NAMES = {
     "INVENTORY_DB_USER": "purge_inventory",
     "BILLING_DB_NAME": "purge_billing",
     "BILLING_DB_USER": "purge_billing_user",
-    "RABBITMQ_USER": "purge_mq",
+    "RABBITMQ_GATEWAY_USER": "purge_gateway_mq",
+    "RABBITMQ_BILLING_USER": "purge_billing_mq",
     "RABBITMQ_QUEUE": "purge_queue",
 }
 
@@ -64,7 +66,10 @@ def machine_state(env):
 @pytest.fixture
 def copy(tmp_path):
     """A copy of the repository without its venv/, logs/ or node_modules/."""
-    target = tmp_path / "repo"
+    # Not under tmp_path (mode 0700): the services run as their own users.
+    outer = Path(tempfile.mkdtemp(prefix="movie-shop-purge-"))
+    outer.chmod(0o755)
+    target = outer / "repo"
     skip = shutil.ignore_patterns("venv", "logs", "node_modules", ".git", ".*cache")
     shutil.copytree(ROOT, target, ignore=skip)
     env = {**os.environ, **NAMES, "PM2_HOME": str(tmp_path / "pm2")}
@@ -80,6 +85,7 @@ def copy(tmp_path):
         [str(target / "scripts" / "down.sh"), "--purge"], env=env, check=False
     )
     subprocess.run(["pm2", "kill"], env=env, check=False, capture_output=True)
+    shutil.rmtree(outer, ignore_errors=True)
 
 
 def test_purge_removes_what_up_sh_left_and_nothing_else(copy):
@@ -90,7 +96,7 @@ def test_purge_removes_what_up_sh_left_and_nothing_else(copy):
     assert {"purge_inventory", "purge_billing_user"} <= roles
     assert {"purge_movies", "purge_billing"} <= dbs
     assert "host    purge_movies    purge_inventory    127.0.0.1/32" in hba
-    assert "purge_mq" in users
+    assert {"purge_gateway_mq", "purge_billing_mq"} <= set(users)
     assert "purge_queue" in queues
     for name in ("venv", "logs", "node_modules"):
         assert (repo / name).is_dir(), name

@@ -478,7 +478,7 @@ class Consumer:
         for tag, _, properties, _ in batch:
             if tag in dead:
                 log.warning(
-                    "rejected message %r, dead-lettered: %s",
+                    "rejected message %r: %s (dead-lettered)",
                     properties.message_id,
                     dead[tag],
                 )

@@ -233,7 +233,7 @@ def test_one_order_followed_through_the_three_logs(procs, queue, movies_db, bill
         gateway_port,
     )
     billing = procs("billing", billing_env(queue))
-    _, headers, _ = call(gateway.url, "GET", "/api/movies/1")
+    _, headers, _ = call(gateway.url, "GET", "/api/movies/987654321")
     movie_rid = request_id(headers)
     status, headers, body = call(
         gateway.url, "POST", "/api/billing", ORDER, {"X-Request-Id": "order-1"}
@@ -255,7 +255,7 @@ def test_one_order_followed_through_the_three_logs(procs, queue, movies_db, bill
         gateway.both()
     )
     (access,) = [line for line in inventory.out().splitlines() if movie_rid in line]
-    assert "GET /api/movies/1 404" in access, access
+    assert "GET /api/movies/987654321 404" in access, access
     print("\n--- gateway ---\n" + "\n".join(gateway_lines))
     print("\n".join(x for x in gateway.out().splitlines() if movie_rid in x))
     print("--- inventory ---\n" + access)

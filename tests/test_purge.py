@@ -72,7 +72,10 @@ def copy(tmp_path):
     target = outer / "repo"
     skip = shutil.ignore_patterns("venv", "logs", "node_modules", ".git", ".*cache")
     shutil.copytree(ROOT, target, ignore=skip)
-    env = {**os.environ, **NAMES, "PM2_HOME": str(tmp_path / "pm2")}
+    # scripts/test.sh exports lib.sh's paths: the copy must find its own.
+    own = ("REPO_DIR", "VENV_ROOT", "LOG_DIR", "PM2_ENV", "PM2_HOME")
+    env = {k: v for k, v in os.environ.items() if k not in own}
+    env.update(NAMES, PM2_HOME=str(tmp_path / "pm2"))
     env.update(GATEWAY_PORT=str(free_port()), INVENTORY_PORT=str(free_port()))
     # The purge removes this machine-wide file of the project; the stack of
     # ./scripts/up.sh gets it back.

@@ -560,14 +560,14 @@ def test_env_and_logs_readable_by_root_and_the_service_only(three_hosts):
     figure(f"privileges: .env and {logs}/*.log: 640 root {SERVICE_GROUP} on each host")
 
     # A forced rotation keeps the mode, and PM2 keeps writing to the same file
-    # (billing logs to stderr; an empty log is not rotated).
+    # (billing's INFO lines go to stdout; an empty log is not rotated).
     on(BILLING_VM, "logrotate", "--force", "/etc/logrotate.d/movie-shop")
-    rotated = on(BILLING_VM, "stat", "-c", "%a %U %G", f"{logs}/billing_app.err.log.1")
+    rotated = on(BILLING_VM, "stat", "-c", "%a %U %G", f"{logs}/billing_app.out.log.1")
     assert rotated.split() == ["640", "root", SERVICE_GROUP], rotated
     on(BILLING_VM, "sudo", "pm2", "restart", "billing_app")
     wait_for(
         lambda: (
-            on(BILLING_VM, "stat", "-c", "%s", f"{logs}/billing_app.err.log").strip()
+            on(BILLING_VM, "stat", "-c", "%s", f"{logs}/billing_app.out.log").strip()
             != "0"
         ),
         30,

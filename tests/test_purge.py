@@ -93,6 +93,13 @@ def copy(tmp_path):
 
 def test_purge_removes_what_up_sh_left_and_nothing_else(copy):
     repo, env = copy
+    # What an earlier, interrupted run of this test left is not the machine's.
+    subprocess.run(
+        [str(repo / "scripts" / "down.sh"), "--purge"],
+        env=env,
+        check=False,
+        capture_output=True,
+    )
     before = machine_state(env)
     run(repo / "scripts" / "up.sh", env)
     roles, dbs, hba, users, queues = machine_state(env)

@@ -100,7 +100,9 @@ _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 def load_queries(path):
     """Return {name: sql} for each '-- name: x' block in the file."""
     parts = _NAME.split(path.read_text())
-    return {name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2])}
+    return {
+        name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2], strict=True)
+    }
 
 
 QUERIES = load_queries(HERE / "sql" / "billing_queries.sql")

@@ -21,6 +21,7 @@ billing logs it too.
 
 import collections
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import logging
@@ -895,18 +896,14 @@ class Server(ThreadingHTTPServer):
                     del self._deadlines[sock]
                 self.cut.update(late)
             for sock in late:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
 
     def stop(self):
         """Refuse new connections at once, then end serve_forever (another thread)."""
         self.stopping = True
-        try:
-            self.socket.shutdown(socket.SHUT_RDWR)  # Linux refuses connects from now
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # Linux refuses connects from now on
+            self.socket.shutdown(socket.SHUT_RDWR)
         self.shutdown()
 
     def finish(self, grace):
@@ -981,10 +978,8 @@ def _refuse(sock):
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
-    try:
+    with contextlib.suppress(OSError):
         sock.sendall(head.encode() + body)
-    except OSError:
-        pass
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -1177,10 +1172,7 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(payload, types.GeneratorType):
             self._respond_chunked(status, payload, headers)
             return
-        if isinstance(payload, bytes):
-            body = payload
-        else:
-            body = json.dumps(payload).encode()
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         headers = dict(headers or {})
         self.send_response(status)
         self.send_header(

@@ -104,7 +104,9 @@ _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 def load_queries(path):
     """Return {name: sql} for each '-- name: x' block in the file."""
     parts = _NAME.split(path.read_text())
-    return {name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2])}
+    return {
+        name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2], strict=True)
+    }
 
 
 QUERIES = load_queries(HERE / "sql" / "inventory_queries.sql")
@@ -185,7 +187,9 @@ class Database:
             ) from None
         except psycopg.OperationalError as exc:
             log.warning("database unavailable: %s", exc)
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable"
+            ) from None
 
     def row(self, name, **params):
         """Run a named query and return its first row (or None)."""
@@ -473,18 +477,14 @@ class Server(ThreadingHTTPServer):
                     del self._deadlines[sock]
                 self.cut.update(late)
             for sock in late:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
 
     def stop(self):
         """Refuse new connections at once, then end serve_forever (another thread)."""
         self.stopping = True
-        try:
-            self.socket.shutdown(socket.SHUT_RDWR)  # Linux refuses connects from now
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # Linux refuses connects from now on
+            self.socket.shutdown(socket.SHUT_RDWR)
         self.shutdown()
 
     def finish(self, grace):
@@ -559,10 +559,8 @@ def _refuse(sock):
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
-    try:
+    with contextlib.suppress(OSError):
         sock.sendall(head.encode() + body)
-    except OSError:
-        pass
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -765,10 +763,7 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(payload, types.GeneratorType):
             self._respond_chunked(status, payload)
             return
-        if isinstance(payload, bytes):
-            body = payload
-        else:
-            body = json.dumps(payload).encode()
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

@@ -450,7 +450,7 @@ def table(runs):
         "row    what                                     rate  p50 ms  p99 ms  errors"
     )
     lines = [head + "  floor (same run)              rate  share"]
-    for name, what, floor, unit in ROWS:
+    for name, what, floor, _unit in ROWS:
         r, f = runs[name], runs[floor]
         p50, p99 = (f"{r[k]:.2f}" if k in r else "-" for k in ("p50_ms", "p99_ms"))
         lines.append(
@@ -461,7 +461,7 @@ def table(runs):
     lines.append("\nMemory after the load, MiB (peak): ")
     lines[-1] += ", ".join(f"{svc} {now} ({peak})" for svc, (now, peak) in rss)
     every = [f"{k} {v['rates']}" for k, v in runs.items() if "rates" in v]
-    return "\n".join(lines + ["Every run's rate: " + ", ".join(every)])
+    return "\n".join([*lines, "Every run's rate: " + ", ".join(every)])
 
 
 def svg(runs, caption):
@@ -478,7 +478,7 @@ def svg(runs, caption):
         out.append(f'<text x="10" y="{y + 11}" font-weight="bold">{what}</text>')
         out.append(f'<text x="10" y="{y + 27}" fill="#555">{floor_text}</text>')
         pairs = ((r, "#2f6db5", f" ({r / f:.0%})"), (f, "#a8a8a8", ""))
-        for top, (value, color, note) in zip((y, y + bar + 2), pairs):
+        for top, (value, color, note) in zip((y, y + bar + 2), pairs, strict=True):
             end = left + value * scale
             out.append(f'<rect x="{left}" y="{top}" width="{end - left:.1f}"')
             out[-1] += f' height="{bar}" fill="{color}"/>'

@@ -5,6 +5,7 @@ framing (Content-Length, chunked or until close) and a malformed or
 truncated one raises ValueError instead of being guessed.
 """
 
+import contextlib
 import socket
 import threading
 import time
@@ -106,10 +107,8 @@ class Client:
 
     def send(self, data):
         """Send data; a server that has already answered may refuse the rest."""
-        try:
+        with contextlib.suppress(OSError):
             self.sock.sendall(data)
-        except OSError:
-            pass
 
     def response(self, method="GET", interim=False):
         """The next answer (None when the server closed without one)."""
@@ -228,10 +227,8 @@ class FakeUpstream:
     def close(self):
         self.listener.close()
         for sock in self._open:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
 

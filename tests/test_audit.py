@@ -164,12 +164,12 @@ def test_movie_is_created_listed_and_stored(stack):
     assert status == 200
     assert movie in movies
 
-    assert [MOVIES_DB] == [
+    assert [
         row[0]
         for row in sql(
             "postgres", f"SELECT datname FROM pg_database WHERE datname = '{MOVIES_DB}'"
         )
-    ]
+    ] == [MOVIES_DB]
     rows = sql(
         MOVIES_DB,
         f"SELECT title, description FROM movies WHERE id = {int(movie['id'])}",

@@ -109,7 +109,7 @@ def test_lists_of_huge_movies_take_bounded_memory(stack):
         answers = list(pool.map(lambda p: read_all(gw.port, p), paths))
     seconds = time.monotonic() - start
     expected = [range(1, 1001), range(1001, 2001), range(1, 2001), range(501, 1501)]
-    for path, (status, body), ids in zip(paths, answers, expected):
+    for path, (status, body), ids in zip(paths, answers, expected, strict=True):
         movies = json.loads(body)
         assert status == 200 and [m["id"] for m in movies] == list(ids), path
         assert movies[-1]["description"] == "\x01" * 10_000

@@ -19,6 +19,7 @@ the seed and the time spent; a failure names the case to replay.
 """
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import random
@@ -125,8 +126,17 @@ def random_request(rng, fid):
     if rng.random() < 0.1:
         req.body = rng.randbytes(rng.randrange(1, 3000))
     framing = rng.choices(
-        ["length", "same-twice", "two", "bad", "short", "long", "chunked", "both"]
-        + ["none"],
+        [
+            "length",
+            "same-twice",
+            "two",
+            "bad",
+            "short",
+            "long",
+            "chunked",
+            "both",
+            "none",
+        ],
         [60, 5, 5, 5, 3, 3, 8, 4, 7],
     )[0]
     length = len(req.body)
@@ -214,10 +224,8 @@ def run_case(port, target, index, upstream_answers=None, within=DEADLINE):
     client = Client(port, timeout=DEADLINE)
     try:
         client.send(data)
-        try:
+        with contextlib.suppress(OSError):
             client.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         offset = 0
         for req in requests:
             complete = offset + req.end <= len(data)

@@ -45,7 +45,8 @@ def test_like_pattern_escapes_wildcards():
         ("-1", 400),
         ("0", 400),
         ("1.5", 400),
-        ("\uff11", 400)("2147483648", 404),  # a fullwidth digit,
+        ("\uff11", 400),  # a fullwidth digit
+        ("2147483648", 404),
         ("9" * 5000, 404),
     ],
 )

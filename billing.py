@@ -503,6 +503,7 @@ class Consumer:
 # --- Main ---
 
 
+# --- shared: logging (identical in gateway.py, inventory.py, billing.py) ---
 def setup_logging(name, level):
     """Log DEBUG and INFO to stdout, WARNING and above to stderr (PM2's two files)."""
     out = logging.StreamHandler(sys.stdout)
@@ -517,6 +518,9 @@ def setup_logging(name, level):
         )
     except ValueError:
         sys.exit(f"{name}: LOG_LEVEL={level}: use DEBUG, INFO, WARNING or ERROR")
+
+
+# --- end of shared: logging ---
 
 
 def main():

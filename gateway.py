@@ -1244,6 +1244,7 @@ class Handler(BaseHTTPRequestHandler):
 # --- Main ---
 
 
+# --- shared: bind (identical in gateway.py, inventory.py) ---
 def bind_or_exit(server_class, prefix, config, *args):
     """server_class((HOST, PORT), *args); one line naming the fix if it cannot bind."""
     host, port = config[f"{prefix}_HOST"], config[f"{prefix}_PORT"]
@@ -1259,6 +1260,10 @@ def bind_or_exit(server_class, prefix, config, *args):
         )
 
 
+# --- end of shared: bind ---
+
+
+# --- shared: logging (identical in gateway.py, inventory.py, billing.py) ---
 def setup_logging(name, level):
     """Log DEBUG and INFO to stdout, WARNING and above to stderr (PM2's two files)."""
     out = logging.StreamHandler(sys.stdout)
@@ -1273,6 +1278,9 @@ def setup_logging(name, level):
         )
     except ValueError:
         sys.exit(f"{name}: LOG_LEVEL={level}: use DEBUG, INFO, WARNING or ERROR")
+
+
+# --- end of shared: logging ---
 
 
 def main():

@@ -95,15 +95,6 @@ def test_an_address_not_on_this_machine_is_one_line_naming_the_fix(service, vari
     assert f"{variable}=127.0.0.1" in last, last
 
 
-def test_bind_or_exit_is_the_same_in_gateway_and_inventory():
-    blocks = []
-    for service in ("gateway", "inventory"):
-        text = (ROOT / f"{service}.py").read_text()
-        start = text.index("def bind_or_exit(")
-        blocks.append(text[start : text.index("\ndef main():", start)])
-    assert blocks[0] == blocks[1]
-
-
 def test_bench_chart_is_svg_with_each_row_beside_its_floor():
     import xml.etree.ElementTree as ET
 

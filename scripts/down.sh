@@ -6,14 +6,16 @@
 # also removes everything else up.sh left on this machine: the databases of
 # the roles from .env (the stack's, and the copies the tests and the benchmark
 # made) and the roles, their pg_hba.conf lines, conf.d/50-movie-shop.conf, the
-# RabbitMQ user and queue from .env, venv/, logs/ and node_modules/, and, when
-# no other app is left in root's PM2, the PM2 daemon, its home and the pm2-root
-# boot service. It leaves the packages installed (README: "Removing it all").
+# RabbitMQ user and queue from .env, venv/, logs/ and node_modules/ (on a VM:
+# where vm.env puts them), the logrotate rules, the ACL entries up.sh added on
+# the directories above the clone, and, when no other app is left in root's
+# PM2, the PM2 daemon, its home and the pm2-root boot service. It leaves the packages installed (README: "Removing it all").
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 REPO_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 export REPO_DIR
+own_paths="${VENV_ROOT:-}${LOG_DIR:-}"
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$REPO_DIR/scripts/lib.sh"
 
@@ -25,6 +27,23 @@ esac
 [[ "$(id -u)" == 0 ]] || die "run as root (the apps run under root's PM2): sudo $0 $*"
 load_env "$REPO_DIR/.env"
 
+# vm_setting NAME: NAME's value in vm.env, whatever the environment holds.
+vm_setting() {
+  local file="$REPO_DIR/vm.env"
+  (
+    unset "$1"
+    load_env "$file"
+    printf '%s\n' "${!1:-}"
+  )
+}
+
+# On a VM (this clone is vm.env's REPO_DIR) the virtualenvs and logs are where
+# vm.env put them, unless the environment says otherwise.
+if [[ -z "$own_paths" && "$(vm_setting REPO_DIR)" == "$REPO_DIR" ]]; then
+  VENV_ROOT="$(vm_setting VENV_ROOT)"
+  LOG_DIR="$(vm_setting LOG_DIR)"
+fi
+
 # purge_pm2: the daemon, its home and its boot service, if no other app uses them.
 purge_pm2() {
   if [[ "$(pm2 jlist 2>/dev/null)" != "[]" ]]; then
@@ -34,6 +53,9 @@ purge_pm2() {
   if is_systemd && systemctl cat pm2-root >/dev/null 2>&1; then
     log "pm2: removing the pm2-root boot service"
     pm2 unstartup systemd -u root --hp "$(dirname "$PM2_HOME")" >/dev/null
+    restore_file /etc/systemd/system/pm2-root.service.d/movie-shop.conf
+    rmdir /etc/systemd/system/pm2-root.service.d 2>/dev/null || true
+    systemctl daemon-reload
   fi
   log "pm2: stopping the daemon, removing $PM2_HOME"
   pm2 kill >/dev/null
@@ -106,6 +128,15 @@ purge_rabbitmq() {
   fi
 }
 
+# purge_logrotate: the logs' rotation rules (where systemd runs).
+purge_logrotate() {
+  restore_file /etc/logrotate.d/movie-shop /etc/systemd/system/logrotate.timer.d/movie-shop.conf
+  rmdir /etc/systemd/system/logrotate.timer.d 2>/dev/null || true
+  if is_systemd; then
+    systemctl daemon-reload
+  fi
+}
+
 # restore_file PATH...: put back PATH.orig that write_file saved, or remove PATH.
 restore_file() {
   local path
@@ -144,6 +175,8 @@ require_env INVENTORY_DB_NAME INVENTORY_DB_USER BILLING_DB_NAME BILLING_DB_USER 
   RABBITMQ_GATEWAY_USER RABBITMQ_BILLING_USER RABBITMQ_QUEUE
 purge_postgres
 purge_rabbitmq
+purge_logrotate
+close_path_to_services "$REPO_DIR"
 for dir in "$VENV_ROOT" "$LOG_DIR" "$REPO_DIR/node_modules"; do
   if [[ -d "$dir" && "$dir" == /?*/* ]]; then
     log "removing $dir"

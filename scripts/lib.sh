@@ -565,6 +565,44 @@ ensure_service_user() {
   fi
 }
 
+# open_path_to_services DIR: let the group SERVICE_GROUP pass through every
+# directory down to DIR (a clone in a home directory, 0700 on Debian 12): an
+# ACL entry giving it search (x) only, added where it could not pass;
+# down.sh --purge takes these entries back. Stops if DIR's files stay unreadable.
+open_path_to_services() {
+  local dir="$1" path="" part parts=()
+  getent group "$SERVICE_GROUP" >/dev/null || groupadd --system "$SERVICE_GROUP"
+  IFS=/ read -ra parts <<<"${dir#/}"
+  for part in "${parts[@]}"; do
+    path+="/$part"
+    if ! runuser -u nobody -g "$SERVICE_GROUP" -- test -x "$path"; then
+      apt_install acl
+      log "users: group $SERVICE_GROUP may now pass through $path (ACL g:$SERVICE_GROUP:x)"
+      setfacl -m "g:$SERVICE_GROUP:x" "$path"
+    fi
+  done
+  runuser -u nobody -g "$SERVICE_GROUP" -- test -r "$dir/gateway.py" ||
+    die "the service users cannot read $dir/gateway.py: make the clone readable (chmod -R o+rX $dir, or clone it again with umask 022)"
+}
+
+# close_path_to_services DIR: take back the ACL entries open_path_to_services added.
+close_path_to_services() {
+  local dir="$1" path="" part parts=()
+  command -v getfacl >/dev/null || return 0
+  IFS=/ read -ra parts <<<"${dir#/}"
+  for part in "${parts[@]}"; do
+    path+="/$part"
+    if getfacl -cp "$path" 2>/dev/null | grep -q "^group:$SERVICE_GROUP:"; then
+      log "users: removing the ACL entry of $SERVICE_GROUP on $path"
+      setfacl -x "g:$SERVICE_GROUP" "$path"
+      # Only the mask left: drop it too, so the directory is as it was.
+      if ! getfacl -cp "$path" | grep -qE "^(user|group):[^:]+:"; then
+        setfacl -b "$path"
+      fi
+    fi
+  done
+}
+
 # protect_files APP: .env and APP's PM2 logs owned by root, readable by the
 # group SERVICE_GROUP (0640), never by other users; PM2 (root) writes the logs,
 # the service writes nothing. Where systemd runs, logrotate keeps them bounded.

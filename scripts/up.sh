@@ -17,6 +17,8 @@ require_env GATEWAY_PORT INVENTORY_PORT INVENTORY_DB_NAME BILLING_DB_NAME RABBIT
 port="${GATEWAY_PORT:?}"
 
 [[ "$(id -u)" == 0 ]] || die "run as root (the apps run under root's PM2): sudo $0"
+# The apps run as the movie-* users: they must reach the clone, even in a home.
+open_path_to_services "$REPO_DIR"
 
 "$REPO_DIR/scripts/inventory.sh"
 "$REPO_DIR/scripts/billing.sh"

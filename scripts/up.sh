@@ -63,7 +63,7 @@ Try it (on this machine):
 
 The apps run under root's PM2, hence sudo:
   sudo pm2 list
-  sudo pm2 logs api_gateway --lines 20
+  sudo pm2 logs api_gateway --lines 20 --nostream
   sudo pm2 stop billing_app
   sudo pm2 start billing_app
 

@@ -835,3 +835,60 @@ def test_provisioning_again_changes_nothing(three_hosts):
         f"provision again: {took:.0f} s; movies {movies[0]} and orders {orders[0]}"
         " (count, max id) unchanged; configuration files unchanged; apps online"
     )
+
+
+# --- Purge, then provision again (last: it drops billing-vm's data) ---
+
+# What down.sh --purge must leave on billing-vm, one shell test per line.
+PURGED = [
+    "! systemctl cat pm2-root",
+    "! test -e /etc/systemd/system/pm2-root.service",
+    "! test -e /etc/systemd/system/pm2-root.service.d",
+    "! test -e /root/.pm2",
+    "! pgrep -u movie-billing",
+    f"! test -e {VM_ENV['VENV_ROOT']}",
+    f"! test -e {VM_ENV['LOG_DIR']}",
+    "! test -e /etc/logrotate.d/movie-shop",
+    "! test -e /etc/systemd/system/logrotate.timer.d/movie-shop.conf",
+    "! grep -q 'Managed by scripts' /etc/rabbitmq/rabbitmq.conf",
+    "! grep -q movie-shop /etc/postgresql/*/main/pg_hba.conf",
+    "! ls /etc/postgresql/*/main/conf.d/50-movie-shop.conf",
+]
+
+
+def test_purge_on_a_host_then_provision_restores_it(three_hosts):
+    """down.sh --purge on billing-vm, under systemd, removes the pm2-root unit,
+    roles, databases, broker users, queues, venvs and logs; provisioning again
+    brings it all back and orders flow."""
+    assert on(BILLING_VM, "systemctl", "is-enabled", "pm2-root").strip() == "enabled"
+    start = time.monotonic()
+    purge = hosts(
+        "exec", BILLING_VM, "--", "/vagrant/scripts/down.sh", "--purge", timeout=300
+    )
+    assert purge.returncode == 0, purge.stdout + purge.stderr
+    took = time.monotonic() - start
+    assert "removing the pm2-root boot service" in purge.stdout, purge.stdout
+    for check in PURGED:
+        proc = hosts("exec", BILLING_VM, "--", "bash", "-c", check)
+        assert proc.returncode == 0, f"left after the purge: {check}\n{proc.stdout}"
+    roles = psql(BILLING_VM, "postgres", "SELECT rolname FROM pg_roles")
+    assert [VM_ENV["BILLING_DB_USER"]] not in roles
+    dbs = psql(BILLING_VM, "postgres", "SELECT datname FROM pg_database")
+    assert [BILLING_DB] not in dbs
+    users = on(BILLING_VM, "rabbitmqctl", "-q", "list_users").split()
+    assert VM_ENV["RABBITMQ_GATEWAY_USER"] not in users
+    assert VM_ENV["RABBITMQ_BILLING_USER"] not in users
+    queues = on(BILLING_VM, "rabbitmqctl", "-q", "list_queues", "name").split()
+    assert VM_ENV["RABBITMQ_QUEUE"] not in queues
+
+    proc = hosts("provision", BILLING_VM, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert on(BILLING_VM, "systemctl", "is-enabled", "pm2-root").strip() == "enabled"
+    assert pm2_apps(BILLING_VM)["billing_app"][0] == "online"
+    wait_for(gateway_healthy, 90, "health 200 after provisioning billing-vm again")
+    assert order(3000) == 200
+    wait_for(lambda: orders_of([3000]) == {3000: 1}, 60, "the new order stored")
+    figure(
+        f"purge billing-vm: {took:.0f} s, pm2-root, roles, databases, broker users,"
+        " venvs and logs gone; provision again: app online, order stored"
+    )

@@ -127,7 +127,7 @@ check_support() {
   if [[ "$(uname -s)" != Linux ]]; then
     reason="not Linux"
   elif [[ "$(id -u)" != 0 ]]; then
-    reason="not root"
+    reason="not root (sudo $0 check)"
   elif ! grep -qw overlay /proc/filesystems && ! modprobe overlay 2>/dev/null; then
     reason="the kernel has no overlay file system"
   elif ! unshare --net --mount true 2>/dev/null; then

@@ -9,7 +9,8 @@
 # RabbitMQ user and queue from .env, venv/, logs/ and node_modules/ (on a VM:
 # where vm.env puts them), the logrotate rules, the ACL entries up.sh added on
 # the directories above the clone, and, when no other app is left in root's
-# PM2, the PM2 daemon, its home and the pm2-root boot service. It leaves the packages installed (README: "Removing it all").
+# PM2, the PM2 daemon, its home and the pm2-root boot service. It leaves the
+# packages installed (README: "Before you start").
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 

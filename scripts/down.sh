@@ -178,6 +178,14 @@ purge_postgres
 purge_rabbitmq
 purge_logrotate
 close_path_to_services "$REPO_DIR"
+if [[ -f "$REPO_DIR/.env" ]]; then
+  log "giving .env back to the clone's owner, mode 0644"
+  if command -v setfacl >/dev/null; then
+    setfacl -b "$REPO_DIR/.env"
+  fi
+  chown "$(stat -c %U:%G "$REPO_DIR")" "$REPO_DIR/.env"
+  chmod 0644 "$REPO_DIR/.env"
+fi
 for dir in "$VENV_ROOT" "$LOG_DIR" "$REPO_DIR/node_modules"; do
   if [[ -d "$dir" && "$dir" == /?*/* ]]; then
     log "removing $dir"

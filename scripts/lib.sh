@@ -503,10 +503,11 @@ pm2_start_app() {
   fi
   # A reload keeps the app's old paths and user: an app started from another
   # checkout (or with another venv, or as another user) is replaced instead.
+  # PM2 may hold the user by name or by number (uid).
   if [[ "$(pm2_app_field "$app" pm_exec_path)" != "" &&
     ("$(pm2_app_field "$app" pm_exec_path)" != "$REPO_DIR/${app_script[$app]}" ||
     "$(pm2_app_field "$app" exec_interpreter)" != "$VENV_ROOT/${app_venv[$app]}/bin/python" ||
-    "$(pm2_app_field "$app" uid)" != "$user") ]]; then
+    "$(pm2_app_field "$app" uid)" != @("$user"|"$(id -u "$user")")) ]]; then
     log "pm2: $app runs from elsewhere or as another user, replacing it"
     pm2 delete "$app" >/dev/null
   fi

@@ -24,6 +24,15 @@ open_path_to_services "$REPO_DIR"
 "$REPO_DIR/scripts/billing.sh"
 "$REPO_DIR/scripts/gateway.sh"
 
+# .env is now root's (0640): its owner before, the clone's, may still read it
+# (vagrant and hosts.sh read it as that user).
+owner="$(stat -c %U "$REPO_DIR")"
+if [[ "$owner" != root ]]; then
+  apt_install acl
+  log "users: $owner, the clone's owner, may read .env (ACL u:$owner:r)"
+  setfacl -m "u:$owner:r" "$REPO_DIR/.env"
+fi
+
 url="http://$GATEWAY_HOST:$port/health"
 log "waiting for $url to answer 200"
 status=000

@@ -9,6 +9,7 @@ creates three virtualenvs and runs npm ci): about a minute.
 
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = "*/main/conf.d/50-movie-shop.conf"
+NOBODY = pwd.getpwnam("nobody")
 NAMES = {
     "INVENTORY_DB_NAME": "purge_movies",
     "INVENTORY_DB_USER": "purge_inventory",
@@ -63,15 +65,30 @@ def machine_state(env):
     return roles, dbs, Path(hba_file).read_text(), users, queues
 
 
+def acl(path):
+    """The named entries of path's ACL (user:NAME:... and group:NAME:...)."""
+    out = subprocess.run(
+        ["getfacl", "-cp", str(path)], check=True, capture_output=True, text=True
+    ).stdout
+    return [line for line in out.split() if line.split(":")[1:2] != [""]]
+
+
+def run_as_nobody(*cmd):
+    """Run cmd as the clone's owner."""
+    return subprocess.run(["runuser", "-u", "nobody", "--", *cmd], capture_output=True)
+
+
 @pytest.fixture
 def copy(tmp_path):
-    """A copy of the repository without its venv/, logs/ or node_modules/."""
-    # Not under tmp_path (mode 0700): the services run as their own users.
+    """A copy of the repository without its venv/, logs/ or node_modules/, as a
+    user's clone: owned by nobody, in a directory closed to others (a home)."""
     outer = Path(tempfile.mkdtemp(prefix="movie-shop-purge-"))
-    outer.chmod(0o755)
+    outer.chmod(0o700)
     target = outer / "repo"
     skip = shutil.ignore_patterns("venv", "logs", "node_modules", ".git", ".*cache")
     shutil.copytree(ROOT, target, ignore=skip)
+    for path in [target, *target.rglob("*")]:
+        os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
     # scripts/test.sh exports lib.sh's paths: the copy must find its own.
     own = ("REPO_DIR", "VENV_ROOT", "LOG_DIR", "PM2_ENV", "PM2_HOME")
     env = {k: v for k, v in os.environ.items() if k not in own}
@@ -120,12 +137,22 @@ def test_purge_removes_what_up_sh_left_and_nothing_else(copy):
         "billing_app",
         "inventory_app",
     ]
+    assert {a["pm2_env"]["status"] for a in apps} == {"online"}
+    # The clone's owner still reads .env; the services passed through outer.
+    assert acl(repo.parent) == ["group:movie-shop:--x"]
+    assert run_as_nobody("cat", str(repo / ".env")).returncode == 0
+    # What a test run as root leaves in the clone.
+    (repo / "tests" / "__pycache__").mkdir(exist_ok=True)
 
     out = run(repo / "scripts" / "down.sh", env, "--purge")
     assert "purged" in out
     assert machine_state(env) == before
-    for name in ("venv", "logs", "node_modules"):
+    for name in ("venv", "logs", "node_modules", "tests/__pycache__"):
         assert not (repo / name).exists(), name
+    assert acl(repo.parent) == acl(repo / ".env") == []
+    assert oct(repo.parent.stat().st_mode & 0o777) == "0o700"
+    env_file = (repo / ".env").stat()
+    assert (env_file.st_uid, oct(env_file.st_mode & 0o777)) == (NOBODY.pw_uid, "0o644")
     assert not Path(env["PM2_HOME"]).exists()
     assert not list(Path("/etc/postgresql").glob(CONF))
     # The main stack's roles and the machine's own users are still there.

@@ -178,15 +178,6 @@ purge_postgres
 purge_rabbitmq
 purge_logrotate
 close_path_to_services "$REPO_DIR"
-# What the tests, run as root, left in a user's clone: caches the user cannot delete.
-if [[ "$(stat -c %U "$REPO_DIR")" != root ]]; then
-  while IFS= read -r -d "" dir; do
-    log "removing $dir (root's)"
-    rm -rf -- "$dir"
-  done < <(find "$REPO_DIR" -xdev -user root -type d \( -name __pycache__ -o \
-    -name .pytest_cache -o -name .hypothesis -o -name .ruff_cache -o -name .schemathesis \) \
-    -prune -print0)
-fi
 if [[ -f "$REPO_DIR/.env" ]]; then
   log "giving .env back to the clone's owner, mode 0644"
   if command -v setfacl >/dev/null; then
@@ -201,4 +192,13 @@ for dir in "$VENV_ROOT" "$LOG_DIR" "$REPO_DIR/node_modules"; do
     rm -rf -- "$dir"
   fi
 done
+# What tests run as root left in a user's clone: caches the user cannot delete.
+if [[ "$(stat -c %U "$REPO_DIR")" != root ]]; then
+  while IFS= read -r -d "" dir; do
+    log "removing $dir (root's)"
+    rm -rf -- "$dir"
+  done < <(find "$REPO_DIR" -xdev -user root -type d \( -name __pycache__ -o \
+    -name .pytest_cache -o -name .hypothesis -o -name .ruff_cache -o -name .schemathesis \) \
+    -prune -print0)
+fi
 log "purged; left installed: postgresql, rabbitmq-server, nodejs, npm, pm2 (README)"

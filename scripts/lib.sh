@@ -571,18 +571,20 @@ ensure_service_user() {
 # ACL entry giving it search (x) only, added where it could not pass;
 # down.sh --purge takes these entries back. Stops if DIR's files stay unreadable.
 open_path_to_services() {
-  local dir="$1" path="" part parts=()
-  getent group "$SERVICE_GROUP" >/dev/null || groupadd --system "$SERVICE_GROUP"
+  local dir="$1" path="" part parts=() user
+  # Checked as a service user itself: the clone's owner passes its home anyway.
+  user="$(service_user gateway)"
+  ensure_service_user "$user"
   IFS=/ read -ra parts <<<"${dir#/}"
   for part in "${parts[@]}"; do
     path+="/$part"
-    if ! runuser -u nobody -g "$SERVICE_GROUP" -- test -x "$path"; then
+    if ! runuser -u "$user" -- test -x "$path"; then
       apt_install acl
       log "users: group $SERVICE_GROUP may now pass through $path (ACL g:$SERVICE_GROUP:x)"
       setfacl -m "g:$SERVICE_GROUP:x" "$path"
     fi
   done
-  runuser -u nobody -g "$SERVICE_GROUP" -- test -r "$dir/gateway.py" ||
+  runuser -u "$user" -- test -r "$dir/gateway.py" ||
     die "the service users cannot read $dir/gateway.py: make the clone readable (chmod -R o+rX $dir, or clone it again with umask 022)"
 }
 

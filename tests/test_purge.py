@@ -87,7 +87,7 @@ def copy(tmp_path):
     target = outer / "repo"
     skip = shutil.ignore_patterns("venv", "logs", "node_modules", ".git", ".*cache")
     shutil.copytree(ROOT, target, ignore=skip)
-    for path in [target, *target.rglob("*")]:
+    for path in [outer, target, *target.rglob("*")]:
         os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
     # scripts/test.sh exports lib.sh's paths: the copy must find its own.
     own = ("REPO_DIR", "VENV_ROOT", "LOG_DIR", "PM2_ENV", "PM2_HOME")

@@ -29,24 +29,9 @@ import time
 import urllib.parse
 import uuid
 
+import helpers
 import pika
 import pytest
-from conftest import ENV
-from conftest import Service
-from conftest import admin_connect
-from conftest import billing_env
-from conftest import call
-from conftest import delete_queues
-from conftest import free_port
-from conftest import gateway_env
-from conftest import inventory_env
-from conftest import pg
-from conftest import publish_raw
-from conftest import queue_depth
-from conftest import rabbit
-from conftest import rabbit_channel
-from conftest import rows
-from conftest import wait_for
 
 REQUEST_TIMEOUT = 10  # the services' deadline for a whole request
 MAX_CONNECTIONS = 512  # the services' cap on open client connections
@@ -70,12 +55,12 @@ def order(user_id, items=1, amount="1.50"):
 
 def count_orders():
     """Rows in billing_test.orders."""
-    return rows("billing_test", "SELECT count(*) FROM orders")[0][0]
+    return helpers.rows("billing_test", "SELECT count(*) FROM orders")[0][0]
 
 
 def stored_users(low, high):
     """{user_id: number of rows} for orders with user_id in [low, high]."""
-    found = rows(
+    found = helpers.rows(
         "billing_test",
         "SELECT user_id, count(*) FROM orders WHERE user_id BETWEEN %s AND %s"
         " GROUP BY user_id",
@@ -86,8 +71,8 @@ def stored_users(low, high):
 
 def publish_fast(queue, bodies, message_ids):
     """Publish many persistent messages without waiting for each confirm."""
-    publish_raw(queue, [])  # declares the queue and its dead-letter queue
-    conn, channel = rabbit_channel()
+    helpers.publish_raw(queue, [])  # declares the queue and its dead-letter queue
+    conn, channel = helpers.rabbit_channel()
     for body, message_id in zip(bodies, message_ids, strict=True):
         props = pika.BasicProperties(delivery_mode=2, message_id=message_id)
         channel.basic_publish("", queue, json.dumps(body), props)
@@ -105,12 +90,14 @@ def thread_count(pid):
 
 def start_gateway(procs, inventory_port, queue):
     """A gateway of the test's own, with the deployed INVENTORY_TIMEOUT."""
-    port = free_port()
-    env = gateway_env(port, inventory_port, queue)
-    env["INVENTORY_TIMEOUT"] = ENV["INVENTORY_TIMEOUT"]  # 10 s, longer than DB_WAIT
+    port = helpers.free_port()
+    env = helpers.gateway_env(port, inventory_port, queue)
+    env["INVENTORY_TIMEOUT"] = helpers.ENV[
+        "INVENTORY_TIMEOUT"
+    ]  # 10 s, longer than DB_WAIT
     gateway = procs("gateway", env, port)
-    wait_for(
-        lambda: call(gateway.url, "GET", "/health")[0] == 200,
+    helpers.wait_for(
+        lambda: helpers.call(gateway.url, "GET", "/health")[0] == 200,
         what="gateway /health to answer 200",
     )
     return gateway
@@ -208,7 +195,7 @@ class Posters:
 
 def wait_stored(ok_users, low, high, timeout=60):
     """Wait until every user in ok_users has an order; return the final counts."""
-    wait_for(
+    helpers.wait_for(
         lambda: ok_users <= set(stored_users(low, high)),
         timeout=timeout,
         what=f"{len(ok_users)} confirmed orders to be stored",
@@ -225,7 +212,7 @@ def queue():
     """A queue (and dead-letter queue) of the test's own."""
     name = f"test_faults_{uuid.uuid4().hex[:8]}"
     yield name
-    delete_queues(name)
+    helpers.delete_queues(name)
 
 
 @pytest.fixture
@@ -238,7 +225,7 @@ def procs(queue):
     started = []
 
     def start(name, env, port=None):
-        service = Service(name, env, port)
+        service = helpers.Service(name, env, port)
         started.append(service)
         return service.start()
 
@@ -251,7 +238,7 @@ def procs(queue):
 @pytest.fixture
 def orders_db(billing_db):
     """An empty orders table."""
-    with admin_connect(billing_db) as conn:
+    with helpers.admin_connect(billing_db) as conn:
         conn.execute("TRUNCATE orders RESTART IDENTITY")
     return billing_db
 
@@ -264,14 +251,16 @@ def test_billing_killed_three_times_while_draining_backlog(procs, queue, orders_
     publish_fast(
         queue, [order(i + 1) for i in range(total)], [f"k9-{i}" for i in range(total)]
     )
-    wait_for(lambda: queue_depth(queue) == total, what=f"{total} queued messages")
-    billing = procs("billing", billing_env(queue))
+    helpers.wait_for(
+        lambda: helpers.queue_depth(queue) == total, what=f"{total} queued messages"
+    )
+    billing = procs("billing", helpers.billing_env(queue))
     at_kill = []
     rng = random.Random()
     # one kill early, one a third of the way, one two thirds of the way through
     for low in (1, total // 3, 2 * total // 3):
         threshold = max(low, at_kill[-1] + 1 if at_kill else 1) + rng.randrange(1500)
-        wait_for(
+        helpers.wait_for(
             lambda threshold=threshold: count_orders() >= threshold,
             timeout=60,
             interval=0.005,
@@ -282,16 +271,18 @@ def test_billing_killed_three_times_while_draining_backlog(procs, queue, orders_
         at_kill.append(count_orders())
         billing.start()
     assert at_kill[-1] < total, f"the backlog was drained before the 3rd kill {at_kill}"
-    wait_for(lambda: count_orders() >= total, timeout=120, what=f"{total} orders")
+    helpers.wait_for(
+        lambda: count_orders() >= total, timeout=120, what=f"{total} orders"
+    )
     assert billing.stop() == 0  # SIGTERM: unacked messages go back to the queue
-    stored, users, ids = rows(
+    stored, users, ids = helpers.rows(
         orders_db,
         "SELECT count(*), count(DISTINCT user_id), count(DISTINCT message_id)"
         " FROM orders",
     )[0]
     assert users == total and ids == total
     assert stored == total, f"{stored - total} orders stored twice"
-    assert queue_depth(queue) == 0 and queue_depth(f"{queue}.dead") == 0
+    assert helpers.queue_depth(queue) == 0 and helpers.queue_depth(f"{queue}.dead") == 0
     figure(
         "kill9",
         posted=total,
@@ -307,18 +298,18 @@ def test_billing_killed_three_times_while_draining_backlog(procs, queue, orders_
 
 
 def test_rabbitmq_restart_while_posting(procs, inventory, queue, orders_db):
-    billing = procs("billing", billing_env(queue))
+    billing = procs("billing", helpers.billing_env(queue))
     gateway = start_gateway(procs, inventory.port, queue)
     posters = Posters(gateway.port, threads=8, first_user=1_000_000).start()
     try:
         time.sleep(2)
         try:
-            rabbit("stop_app")
+            helpers.rabbit("stop_app")
             time.sleep(4)
         finally:
-            rabbit("start_app")
+            helpers.rabbit("start_app")
         back = time.monotonic()
-        wait_for(
+        helpers.wait_for(
             lambda: posters.ok_since(back) >= 50,
             timeout=40,
             what="posts to succeed again after RabbitMQ came back",
@@ -354,17 +345,17 @@ def test_rabbitmq_restart_while_posting(procs, inventory, queue, orders_db):
 
 
 def test_billing_database_restart_while_posting(procs, inventory, queue, orders_db):
-    billing = procs("billing", billing_env(queue))
+    billing = procs("billing", helpers.billing_env(queue))
     gateway = start_gateway(procs, inventory.port, queue)
     posters = Posters(gateway.port, threads=8, first_user=2_000_000).start()
     try:
         time.sleep(1.5)
         try:
-            pg("stop")
+            helpers.pg("stop")
             time.sleep(4)
-            backlog = queue_depth(queue)
+            backlog = helpers.queue_depth(queue)
         finally:
-            pg("start")
+            helpers.pg("start")
         time.sleep(2)
     finally:
         posters.stop()
@@ -374,7 +365,7 @@ def test_billing_database_restart_while_posting(procs, inventory, queue, orders_
     counts = wait_stored(ok, posters.first_user, posters.last_user)
     lost = ok - set(counts)
     duplicated = sum(n - 1 for n in counts.values())
-    dead = queue_depth(f"{queue}.dead")
+    dead = helpers.queue_depth(f"{queue}.dead")
     assert not lost and not duplicated and not dead
     assert backlog > 0, "orders did not pile up during the outage"
     figure(
@@ -395,7 +386,7 @@ def test_billing_database_restart_while_posting(procs, inventory, queue, orders_
 
 def _timed_call(service, method, path, body=None):
     start = time.monotonic()
-    status, _, answer = call(service.url, method, path, body)
+    status, _, answer = helpers.call(service.url, method, path, body)
     return status, answer, time.monotonic() - start
 
 
@@ -403,7 +394,7 @@ def test_inventory_database_outage_is_503_then_recovers(
     procs, inventory, queue, clean_movies
 ):
     gateway = start_gateway(procs, inventory.port, queue)
-    _, _, movie = call(gateway.url, "POST", "/api/movies", {"title": "Before"})
+    _, _, movie = helpers.call(gateway.url, "POST", "/api/movies", {"title": "Before"})
     probes = [
         (service, method, path, body)
         for service in (inventory, gateway)
@@ -417,12 +408,12 @@ def test_inventory_database_outage_is_503_then_recovers(
         )
     ]
     try:
-        pg("stop")
+        helpers.pg("stop")
         with concurrent.futures.ThreadPoolExecutor(len(probes)) as pool:
             answers = list(pool.map(lambda p: _timed_call(*p), probes))
             health = _timed_call(gateway, "GET", "/health")
     finally:
-        pg("start")
+        helpers.pg("start")
     back = time.monotonic()
     for (service, method, path, _), (status, body, seconds) in zip(
         probes, answers, strict=True
@@ -432,15 +423,17 @@ def test_inventory_database_outage_is_503_then_recovers(
         assert seconds < ANSWER_WITHIN, (service.name, method, path, seconds)
     assert health[0] == 503 and health[1]["inventory"] != "ok"
     for service in (inventory, gateway):
-        wait_for(
-            lambda s=service: call(s.url, "GET", "/api/movies")[0] == 200,
+        helpers.wait_for(
+            lambda s=service: helpers.call(s.url, "GET", "/api/movies")[0] == 200,
             timeout=30,
             what=f"{service.name} to recover",
         )
     recovered = time.monotonic() - back
-    assert call(gateway.url, "POST", "/api/movies", {"title": "After"})[0] == 201
+    assert (
+        helpers.call(gateway.url, "POST", "/api/movies", {"title": "After"})[0] == 201
+    )
     assert inventory.proc.poll() is None and gateway.proc.poll() is None
-    assert rows(clean_movies, "SELECT title FROM movies ORDER BY id") == [
+    assert helpers.rows(clean_movies, "SELECT title FROM movies ORDER BY id") == [
         ("Before",),
         ("After",),
     ]
@@ -457,10 +450,13 @@ def test_inventory_database_outage_is_503_then_recovers(
 
 
 def test_inventory_down_gateway_502_and_billing_still_200(procs, queue, clean_movies):
-    inventory_port = free_port()
-    inventory = procs("inventory", inventory_env(inventory_port), inventory_port)
+    inventory_port = helpers.free_port()
+    inventory = procs(
+        "inventory", helpers.inventory_env(inventory_port), inventory_port
+    )
     gateway = start_gateway(procs, inventory_port, queue)
-    assert call(gateway.url, "GET", "/api/movies")[0] == 200  # pools a connection
+    # pools a connection
+    assert helpers.call(gateway.url, "GET", "/api/movies")[0] == 200
     inventory.stop()
     answers = []
     for method, path, body in (
@@ -474,14 +470,14 @@ def test_inventory_down_gateway_502_and_billing_still_200(procs, queue, clean_mo
         assert status == 502 and answer["error"], (method, path, status, answer)
         assert seconds < ANSWER_WITHIN
         answers.append(seconds)
-    status, _, answer = call(gateway.url, "POST", "/api/billing", order(5))
+    status, _, answer = helpers.call(gateway.url, "POST", "/api/billing", order(5))
     assert status == 200 and answer == {"message": "Message posted"}
-    assert queue_depth(queue) == 1
-    status, _, answer = call(gateway.url, "GET", "/health")
+    assert helpers.queue_depth(queue) == 1
+    status, _, answer = helpers.call(gateway.url, "GET", "/health")
     assert status == 503 and answer["inventory"] != "ok" and answer["rabbitmq"] == "ok"
     inventory.start()
-    wait_for(
-        lambda: call(gateway.url, "GET", "/api/movies")[0] == 200,
+    helpers.wait_for(
+        lambda: helpers.call(gateway.url, "GET", "/api/movies")[0] == 200,
         what="the gateway to reach inventory again",
     )
     figure(
@@ -497,7 +493,7 @@ def test_inventory_down_gateway_502_and_billing_still_200(procs, queue, clean_mo
 
 
 def test_gateway_restart_while_posting(procs, inventory, queue, orders_db):
-    procs("billing", billing_env(queue))
+    procs("billing", helpers.billing_env(queue))
     gateway = start_gateway(procs, inventory.port, queue)
     posters = Posters(gateway.port, threads=8, first_user=3_000_000).start()
     try:
@@ -506,7 +502,7 @@ def test_gateway_restart_while_posting(procs, inventory, queue, orders_db):
         exit_code = gateway.stop(signal.SIGTERM)
         gateway.start()  # the same port
         back = time.monotonic()
-        wait_for(
+        helpers.wait_for(
             lambda: posters.ok_since(back) >= 50,
             timeout=30,
             what="posts to succeed through the restarted gateway",
@@ -623,7 +619,7 @@ def _load_client(index, port, prefix, deadline, result):
 
 
 def test_64_clients_for_30_seconds(procs, inventory, queue, orders_db, clean_movies):
-    procs("billing", billing_env(queue))
+    procs("billing", helpers.billing_env(queue))
     gateway = start_gateway(procs, inventory.port, queue)
     prefix = f"load{uuid.uuid4().hex[:6]}"
     results = [
@@ -659,7 +655,7 @@ def test_64_clients_for_30_seconds(procs, inventory, queue, orders_db, clean_mov
     expected = {i: m for r in results for i, m in r["movies"].items()}
     present = {
         i: {"id": i, "title": t, "description": d}
-        for i, t, d in rows(
+        for i, t, d in helpers.rows(
             clean_movies,
             "SELECT id, title, description FROM movies WHERE title LIKE %s",
             (f"{prefix}-%",),
@@ -767,7 +763,9 @@ def test_idle_and_slow_clients_do_not_starve_others(procs, inventory, queue):
                 for fresh in (True, False):
                     start = time.monotonic()
                     if fresh:
-                        status = call(server.url, "GET", "/api/movies?limit=1")[0]
+                        status = helpers.call(server.url, "GET", "/api/movies?limit=1")[
+                            0
+                        ]
                     else:
                         status = keep_alive[name].request("GET", "/api/movies?limit=1")[
                             0
@@ -795,7 +793,7 @@ def test_idle_and_slow_clients_do_not_starve_others(procs, inventory, queue):
         seconds, answer = slow[name][0]
         assert REQUEST_TIMEOUT - 1 <= seconds <= REQUEST_TIMEOUT + 6, (name, seconds)
         assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer[:100]
-        wait_for(
+        helpers.wait_for(
             lambda s=server, b=baseline[name]: thread_count(s.proc.pid) <= b + 4,
             timeout=10,
             what=f"{name}'s threads to go back to {baseline[name]}",
@@ -1073,7 +1071,7 @@ HEADER_FLOODS = [
 
 
 def movies_state(db):
-    return rows(db, "SELECT id, title, description FROM movies ORDER BY id")
+    return helpers.rows(db, "SELECT id, title, description FROM movies ORDER BY id")
 
 
 class Hostile:
@@ -1085,7 +1083,9 @@ class Hostile:
         self.db = db
         self.problems = []
         self.sent = collections.Counter()
-        _, _, victim = call(inventory.url, "POST", "/api/movies", {"title": "Victim"})
+        _, _, victim = helpers.call(
+            inventory.url, "POST", "/api/movies", {"title": "Victim"}
+        )
         self.victim = victim["id"]
         self.before = movies_state(db)
 
@@ -1111,7 +1111,9 @@ class Hostile:
         for service in self.services:
             if service.proc.poll() is not None:
                 self.problems.append((service.name, "exited", service.tail(5)))
-        status = call(f"http://127.0.0.1:{self.ports['gateway']}", "GET", "/health")[0]
+        status = helpers.call(
+            f"http://127.0.0.1:{self.ports['gateway']}", "GET", "/health"
+        )[0]
         if status != 200:
             self.problems.append(("gateway", "/health afterwards", status))
         after = movies_state(self.db)
@@ -1200,7 +1202,7 @@ def test_hostile_bodies_and_lying_lengths(hostile):
     liars.shutdown()
     cut = max(f.result().seconds for f in lying_up.values() if f.result())
     hostile.finish()
-    assert queue_depth(queue_of(hostile)) == 0
+    assert helpers.queue_depth(queue_of(hostile)) == 0
     figure(
         "hostile.bodies",
         gateway_requests=hostile.sent["gateway"],
@@ -1222,10 +1224,10 @@ def test_hostile_orders_are_400_and_never_queued(hostile):
     big = json.dumps({**order(1), "pad": "x" * 70_000}).encode()
     hostile.expect_error("gateway", post_raw("/api/billing", big), "70 KB", {413})
     hostile.finish()
-    assert queue_depth(queue_of(hostile)) == 0
+    assert helpers.queue_depth(queue_of(hostile)) == 0
     gateway_url = hostile.services[0].url
-    assert call(gateway_url, "POST", "/api/billing", order(9))[0] == 200
-    assert queue_depth(queue_of(hostile)) == 1
+    assert helpers.call(gateway_url, "POST", "/api/billing", order(9))[0] == 200
+    assert helpers.queue_depth(queue_of(hostile)) == 1
     figure(
         "hostile.orders",
         requests=hostile.sent["gateway"],
@@ -1239,25 +1241,25 @@ def test_hostile_sql_injection_is_stored_literally(hostile):
     for name, port in hostile.ports.items():
         url = f"http://127.0.0.1:{port}"
         for text in SQL_INJECTIONS:
-            status, _, movie = call(
+            status, _, movie = helpers.call(
                 url, "POST", "/api/movies", {"title": text, "description": text}
             )
             if status != 201 or movie["title"] != text or movie["description"] != text:
                 hostile.problems.append((name, "create", text, status, movie))
                 continue
             added.append(text)
-            status, _, same = call(url, "GET", f"/api/movies/{movie['id']}")
+            status, _, same = helpers.call(url, "GET", f"/api/movies/{movie['id']}")
             if status != 200 or same != movie:
                 hostile.problems.append((name, "get", text, status, same))
             query = urllib.parse.quote(text, safe="")
-            status, _, found = call(url, "GET", f"/api/movies?title={query}")
+            status, _, found = helpers.call(url, "GET", f"/api/movies?title={query}")
             if (
                 status != 200
                 or movie not in found
                 or not all(text.lower() in m["title"].lower() for m in found)
             ):
                 hostile.problems.append((name, "search", text, status, found))
-            status, _, movie = call(
+            status, _, movie = helpers.call(
                 url, "PUT", f"/api/movies/{movie['id']}", {"title": f"{text}!"}
             )
             if status != 200 or movie["title"] != f"{text}!":
@@ -1268,7 +1270,9 @@ def test_hostile_sql_injection_is_stored_literally(hostile):
             data = get_raw(f"/api/movies?{query}".encode())
             hostile.expect_error(name, data, query)
     hostile.finish(added)
-    assert rows(hostile.db, "SELECT count(*) FROM movies")[0][0] == 1 + len(added)
+    assert helpers.rows(hostile.db, "SELECT count(*) FROM movies")[0][0] == 1 + len(
+        added
+    )
     figure(
         "hostile.sql_injection",
         injections=len(SQL_INJECTIONS),
@@ -1388,13 +1392,13 @@ def test_poison_message_never_blocks_orders_behind_it(procs, queue, orders_db, k
         poison_ids = [f"poison-{kind}-{i}" for i in range(len(poison))]
     bodies = [good[0], *poison, good[1], *poison, good[2]]
     ids = ["g0", *poison_ids, "g1", *[None] * len(poison), "g2"]
-    publish_raw(
+    helpers.publish_raw(
         queue, bodies, [f"{kind}-{m}" if m in ("g0", "g1", "g2") else m for m in ids]
     )
     start = time.monotonic()
-    billing = procs("billing", billing_env(queue))
+    billing = procs("billing", helpers.billing_env(queue))
     try:
-        wait_for(
+        helpers.wait_for(
             lambda: len(stored_users(first, first + 2)) == 3 or billing.proc.poll(),
             timeout=20,
             what="the good orders behind the poison",
@@ -1404,12 +1408,12 @@ def test_poison_message_never_blocks_orders_behind_it(procs, queue, orders_db, k
     assert alive, f"billing died on {kind}: {billing.tail(3)}"
     seconds = time.monotonic() - start
     assert stored_users(first, first + 2) == {first: 1, first + 1: 1, first + 2: 1}
-    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
+    helpers.wait_for(lambda: helpers.queue_depth(queue) == 0, what="the queue to empty")
     assert billing.stop() == 0
-    dead = queue_depth(f"{queue}.dead")
+    dead = helpers.queue_depth(f"{queue}.dead")
     stored_poison = len(stored_users(first + 3, first + 999))
     assert dead + stored_poison == 2 * len(poison), (dead, stored_poison)
-    assert queue_depth(queue) == 0
+    assert helpers.queue_depth(queue) == 0
     figure(
         f"poison.{kind}",
         poison=2 * len(poison),

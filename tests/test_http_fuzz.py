@@ -27,11 +27,8 @@ import re
 import socket
 import time
 
+import helpers
 import pytest
-from conftest import Service
-from conftest import call
-from conftest import free_port
-from conftest import gateway_env
 from rawhttp import Client
 from rawhttp import FakeUpstream
 
@@ -287,7 +284,7 @@ def report(target, cases, problems):
 
 def test_fuzz_inventory(inventory, clean_movies):
     def probe():
-        return call(inventory.url, "GET", "/api/movies?limit=1")[0]
+        return helpers.call(inventory.url, "GET", "/api/movies?limit=1")[0]
 
     cases, problems = fuzz(inventory.port, "inventory", probe)
     assert inventory.proc.poll() is None, inventory.tail()
@@ -296,7 +293,7 @@ def test_fuzz_inventory(inventory, clean_movies):
 
 def test_fuzz_gateway(gateway, inventory, clean_movies):
     def probe():
-        return call(gateway.url, "GET", "/health")[0]
+        return helpers.call(gateway.url, "GET", "/health")[0]
 
     cases, problems = fuzz(gateway.port, "gateway", probe)
     assert gateway.proc.poll() is None, gateway.tail()
@@ -343,10 +340,10 @@ def fake_answer(request):
 def recorded_gateway(queue_name):
     """A gateway in front of a recording fake inventory: (gateway, upstream)."""
     upstream = FakeUpstream(fake_answer)
-    port = free_port()
-    env = gateway_env(port, upstream.port, queue_name)
+    port = helpers.free_port()
+    env = helpers.gateway_env(port, upstream.port, queue_name)
     env["INVENTORY_TIMEOUT"] = "3"
-    service = Service("gateway", env, port).start()
+    service = helpers.Service("gateway", env, port).start()
     yield service, upstream
     service.stop()
     upstream.close()
@@ -369,7 +366,7 @@ def test_fuzz_gateway_forwards_exactly_what_it_accepts(recorded_gateway):
         return []
 
     def probe():
-        return call(
+        return helpers.call(
             gateway.url, "GET", "/api/movies/probe", headers={"X-Fuzz-Id": "p"}
         )[0]
 

@@ -12,14 +12,8 @@ import threading
 import time
 import uuid
 
+import helpers
 import pytest
-from conftest import Service
-from conftest import admin_connect
-from conftest import free_port
-from conftest import gateway_env
-from conftest import inventory_env
-from conftest import queue_depth
-from conftest import rows
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
@@ -82,7 +76,7 @@ def test_order_with_unholdable_number_is_400(gateway, queue_name, field, number)
     order = {"user_id": "1", "number_of_items": "1", "total_amount": "1"}
     order[field] = "@"
     body = json.dumps(order).replace('"@"', number).encode()
-    before, depth = log_size(gateway), queue_depth(queue_name)
+    before, depth = log_size(gateway), helpers.queue_depth(queue_name)
     response = exchange(
         gateway.port,
         b"POST /api/billing HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -90,7 +84,7 @@ def test_order_with_unholdable_number_is_400(gateway, queue_name, field, number)
     )
     assert_json_error(response, 400, number[:30])
     assert "Traceback" not in log_since(gateway, before)
-    assert queue_depth(queue_name) == depth
+    assert helpers.queue_depth(queue_name) == depth
 
 
 def number_texts():
@@ -188,7 +182,9 @@ def create_request(title, extra=b""):
 
 
 def movies_titled(db, title):
-    return rows(db, "SELECT count(*) FROM movies WHERE title = %s", (title,))[0][0]
+    return helpers.rows(db, "SELECT count(*) FROM movies WHERE title = %s", (title,))[
+        0
+    ][0]
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -256,10 +252,10 @@ def fake_gateway(queue_name):
 
     def make(answer):
         upstream = FakeUpstream(answer)
-        port = free_port()
-        env = gateway_env(port, upstream.port, queue_name)
+        port = helpers.free_port()
+        env = helpers.gateway_env(port, upstream.port, queue_name)
         env["INVENTORY_TIMEOUT"] = "3"
-        service = Service("gateway", env, port).start()
+        service = helpers.Service("gateway", env, port).start()
         made.append((service, upstream))
         return service, upstream
 
@@ -375,7 +371,7 @@ def test_ambiguous_framing_is_400_and_never_run(services, clean_movies, name, wh
         assert client.closed(), what
     finally:
         client.close()
-    assert rows(clean_movies, "SELECT count(*) FROM movies") == [(0,)]
+    assert helpers.rows(clean_movies, "SELECT count(*) FROM movies") == [(0,)]
     assert "Traceback" not in log_since(service, before)
 
 
@@ -396,7 +392,7 @@ def test_smuggled_request_behind_a_second_length_is_not_run(
         b"POST /api/movies HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: 2\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     )
-    with admin_connect(clean_movies) as conn:
+    with helpers.admin_connect(clean_movies) as conn:
         conn.execute("INSERT INTO movies (title, description) VALUES ('keep', '')")
     client = Client(services[name].port)
     try:
@@ -405,7 +401,7 @@ def test_smuggled_request_behind_a_second_length_is_not_run(
         assert client.closed()
     finally:
         client.close()
-    assert rows(clean_movies, "SELECT title FROM movies") == [("keep",)]
+    assert helpers.rows(clean_movies, "SELECT title FROM movies") == [("keep",)]
 
 
 @pytest.mark.parametrize("name", SERVICES)
@@ -434,7 +430,7 @@ def test_identical_lengths_and_whitespace_are_one_length(
 @pytest.mark.parametrize("name", SERVICES)
 def test_headers_cut_off_by_the_client_are_not_run(services, clean_movies, name):
     # The head never ended (no blank line): the request was never complete.
-    with admin_connect(clean_movies) as conn:
+    with helpers.admin_connect(clean_movies) as conn:
         conn.execute("INSERT INTO movies (title, description) VALUES ('keep', '')")
     client = Client(services[name].port)
     try:
@@ -444,7 +440,7 @@ def test_headers_cut_off_by_the_client_are_not_run(services, clean_movies, name)
         assert response is None or 400 <= response.status < 500, response
     finally:
         client.close()
-    assert rows(clean_movies, "SELECT title FROM movies") == [("keep",)]
+    assert helpers.rows(clean_movies, "SELECT title FROM movies") == [("keep",)]
 
 
 # --- 7. HTTP/1.0 clients and long lists ---
@@ -453,7 +449,7 @@ def test_headers_cut_off_by_the_client_are_not_run(services, clean_movies, name)
 @pytest.fixture
 def many_movies(clean_movies):
     """4,500 movies: more than one streamed page."""
-    with admin_connect(clean_movies) as conn:
+    with helpers.admin_connect(clean_movies) as conn:
         conn.execute(
             "INSERT INTO movies (title, description)"
             " SELECT 'Bulk ' || i, 'd' FROM generate_series(1, 4500) AS i"
@@ -561,11 +557,11 @@ def test_gateway_finishes_requests_in_flight_on_sigterm(fake_gateway):
 
 
 def test_inventory_finishes_requests_in_flight_on_sigint(movies_db, clean_movies):
-    port = free_port()
-    inventory = Service("inventory", inventory_env(port), port).start()
-    lock = admin_connect(movies_db)
+    port = helpers.free_port()
+    inventory = helpers.Service("inventory", helpers.inventory_env(port), port).start()
+    lock = helpers.admin_connect(movies_db)
     try:
-        movie_id = rows(
+        movie_id = helpers.rows(
             movies_db,
             "INSERT INTO movies (title, description) VALUES ('slow', 'd') RETURNING id",
         )[0][0]

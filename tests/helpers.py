@@ -24,6 +24,7 @@ from dotenv import dotenv_values
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the services are single modules at the top
+from gateway import queue_arguments  # noqa: E402  (the service's, not a copy)
 
 ENV = dotenv_values(ROOT / ".env")
 PYTHON = sys.executable
@@ -258,10 +259,7 @@ def publish_raw(queue, bodies, message_ids=None, declare=True):
         channel.queue_declare(
             queue,
             durable=True,
-            arguments={
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": f"{queue}.dead",
-            },
+            arguments=queue_arguments(queue),
         )
     channel.confirm_delivery()
     for i, body in enumerate(bodies):

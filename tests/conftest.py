@@ -44,7 +44,7 @@ def inventory(movies_db):
 
 @pytest.fixture(scope="session")
 def queue_name():
-    """A queue name of this test session's own."""
+    """The queue of the session's `gateway` (shared: see `queue` for one's own)."""
     name = f"test_billing_{uuid.uuid4().hex[:8]}"
     yield name
     helpers.delete_queues(name)
@@ -72,3 +72,19 @@ def clean_movies(movies_db):
     with helpers.admin_connect(movies_db) as conn:
         conn.execute("TRUNCATE movies RESTART IDENTITY")
     return movies_db
+
+
+@pytest.fixture
+def queue():
+    """A queue name of the test's own; it and its dead-letter queue go afterwards."""
+    name = f"test_queue_{uuid.uuid4().hex[:8]}"
+    yield name
+    helpers.delete_queues(name)
+
+
+@pytest.fixture
+def orders_db(billing_db):
+    """billing_test with an empty orders table."""
+    with helpers.admin_connect(billing_db) as conn:
+        conn.execute("TRUNCATE orders RESTART IDENTITY")
+    return billing_db

@@ -3,7 +3,6 @@
 import json
 import signal
 import time
-import uuid
 from decimal import Decimal
 
 import helpers
@@ -11,18 +10,8 @@ import pytest
 
 
 @pytest.fixture
-def queue(billing_db):
-    """A queue of the test's own, and an empty orders table."""
-    with helpers.admin_connect(billing_db) as conn:
-        conn.execute("TRUNCATE orders RESTART IDENTITY")
-    name = f"test_orders_{uuid.uuid4().hex[:8]}"
-    yield name
-    helpers.delete_queues(name)
-
-
-@pytest.fixture
-def billing(queue):
-    """A billing consumer on the test queue (not started)."""
+def billing(queue, orders_db):
+    """A billing consumer on the test queue and empty orders (not started)."""
     service = helpers.Service("billing", helpers.billing_env(queue))
     yield service
     service.stop(signal.SIGKILL)

@@ -186,18 +186,8 @@ def test_whatever_billing_accepts_postgresql_stores(billing_db, text, message_id
 
 
 @pytest.fixture
-def queue(billing_db):
-    """A queue of the test's own, and an empty orders table."""
-    with helpers.admin_connect(billing_db) as conn:
-        conn.execute("TRUNCATE orders RESTART IDENTITY")
-    name = f"test_robust_{uuid.uuid4().hex[:8]}"
-    yield name
-    helpers.delete_queues(name)
-
-
-@pytest.fixture
-def consumer(queue):
-    """A billing consumer on the test queue (not started)."""
+def consumer(queue, orders_db):
+    """A billing consumer on the test queue and empty orders (not started)."""
     service = helpers.Service("billing", helpers.billing_env(queue))
     yield service
     service.stop(signal.SIGKILL)
@@ -387,7 +377,9 @@ class Supervisor:
 
 
 @pytest.mark.parametrize("how", ["raise", "kill", "abort", "hang"])
-def test_a_message_that_kills_billing_is_dead_lettered_not_looped(queue, how):
+def test_a_message_that_kills_billing_is_dead_lettered_not_looped(
+    queue, orders_db, how
+):
     marker = f"crash-{uuid.uuid4().hex[:6]}"
     poison = json.dumps({**order(500), "note": marker})
     bodies = [order(1), poison, order(2), *[order(i) for i in range(3, 50)]]

@@ -208,14 +208,6 @@ def wait_stored(ok_users, low, high, timeout=60):
 
 
 @pytest.fixture
-def queue():
-    """A queue (and dead-letter queue) of the test's own."""
-    name = f"test_faults_{uuid.uuid4().hex[:8]}"
-    yield name
-    helpers.delete_queues(name)
-
-
-@pytest.fixture
 def procs(queue):
     """Start services for one test; stop whatever still runs afterwards.
 
@@ -233,14 +225,6 @@ def procs(queue):
     for service in reversed(started):
         with contextlib.suppress(subprocess.TimeoutExpired):
             service.stop()  # on a timeout, Service.stop has killed it
-
-
-@pytest.fixture
-def orders_db(billing_db):
-    """An empty orders table."""
-    with helpers.admin_connect(billing_db) as conn:
-        conn.execute("TRUNCATE orders RESTART IDENTITY")
-    return billing_db
 
 
 # --- 1. kill -9 while draining a backlog ---

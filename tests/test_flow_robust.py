@@ -16,7 +16,6 @@ import socket
 import subprocess
 import time
 import types
-import uuid
 
 import helpers
 import pika
@@ -35,9 +34,8 @@ ALLOWED_CONTROLS = "\t\n\r"
 
 
 @pytest.fixture
-def stack(clean_movies):
+def stack(clean_movies, queue):
     """A fresh inventory and gateway of the test's own: (inventory, gateway)."""
-    queue = f"test_flow_{uuid.uuid4().hex[:8]}"
     inventory_port, gateway_port = helpers.free_port(), helpers.free_port()
     inv = helpers.Service(
         "inventory", helpers.inventory_env(inventory_port), inventory_port
@@ -57,7 +55,6 @@ def stack(clean_movies):
     finally:
         gw.stop()
         inv.stop()
-        helpers.delete_queues(queue)
 
 
 def peak_mib(pid):
@@ -292,8 +289,7 @@ class FailingSocketpair:
         self.failing = False
 
 
-def test_publisher_survives_running_out_of_descriptors(monkeypatch):
-    queue = f"test_flow_{uuid.uuid4().hex[:8]}"
+def test_publisher_survives_running_out_of_descriptors(monkeypatch, queue):
     fault = FailingSocketpair(pika.compat.nonblocking_socketpair)
     monkeypatch.setattr(pika.compat, "nonblocking_socketpair", fault)
     publisher = gateway.Publisher(helpers.rabbit_params(), queue)
@@ -316,7 +312,6 @@ def test_publisher_survives_running_out_of_descriptors(monkeypatch):
         stop = getattr(publisher, "stop", None)
         if stop:
             stop()
-        helpers.delete_queues(queue)
 
 
 class HealthyUpstream:

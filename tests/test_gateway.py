@@ -7,7 +7,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 
 import helpers
 import pytest
@@ -307,9 +306,8 @@ def test_billing_wrong_content_type_and_size(gateway, empty_queue):
 
 
 @pytest.fixture
-def fresh_gateway(inventory):
+def fresh_gateway(inventory, queue):
     """A gateway on a queue nobody has declared yet: (service, queue name)."""
-    queue = f"test_fresh_{uuid.uuid4().hex[:8]}"
     port = helpers.free_port()
     service = helpers.Service(
         "gateway", helpers.gateway_env(port, inventory.port, queue), port
@@ -320,7 +318,6 @@ def fresh_gateway(inventory):
     )
     yield service, queue
     service.stop()
-    helpers.delete_queues(queue)
 
 
 def test_order_kept_when_queue_never_declared(fresh_gateway):

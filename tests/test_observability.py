@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import time
-import uuid
 
 import helpers
 import pytest
@@ -88,14 +87,6 @@ def procs():
     yield start
     for service in started:
         service.stop()
-
-
-@pytest.fixture
-def queue():
-    """A queue of the test's own, deleted at the end."""
-    name = f"test_obs_{uuid.uuid4().hex[:8]}"
-    yield name
-    helpers.delete_queues(name)
 
 
 # --- 6. Logs: INFO to stdout, warnings to stderr ---
@@ -215,9 +206,7 @@ def test_the_request_id_is_forwarded_to_inventory(queue):
         fake.close()
 
 
-def test_one_order_followed_through_the_three_logs(procs, queue, movies_db, billing_db):
-    with helpers.admin_connect(billing_db) as conn:
-        conn.execute("TRUNCATE orders RESTART IDENTITY")
+def test_one_order_followed_through_the_three_logs(procs, queue, movies_db, orders_db):
     inventory_port, gateway_port = helpers.free_port(), helpers.free_port()
     debug = {"LOG_LEVEL": "DEBUG"}  # with the access lines
     inventory = procs(

@@ -3,6 +3,8 @@
 The helpers they use (and the tests too) are in helpers.py.
 """
 
+import contextlib
+import subprocess
 import uuid
 
 import helpers
@@ -88,3 +90,23 @@ def orders_db(billing_db):
     with helpers.admin_connect(billing_db) as conn:
         conn.execute("TRUNCATE orders RESTART IDENTITY")
     return billing_db
+
+
+@pytest.fixture
+def procs(queue):
+    """Start services for one test; stop whatever still runs afterwards.
+
+    Depends on `queue` so that the services stop before their queue is deleted
+    (a running consumer would declare it again).
+    """
+    started = []
+
+    def start(name, env, port=None):
+        service = helpers.Service(name, env, port)
+        started.append(service)
+        return service.start()
+
+    yield start
+    for service in reversed(started):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            service.stop()  # on a timeout, Service.stop has killed it

@@ -17,10 +17,6 @@ def billing(queue, orders_db):
     service.stop(signal.SIGKILL)
 
 
-def count_orders():
-    return helpers.rows("billing_test", "SELECT count(*) FROM orders")[0][0]
-
-
 def order(i, **changes):
     return {"user_id": i, "number_of_items": 1, "total_amount": "9.99", **changes}
 
@@ -31,7 +27,7 @@ def test_backlog_published_while_stopped_is_stored_on_start(billing, queue):
     )
     assert helpers.queue_depth(queue) == 100
     billing.start()
-    helpers.wait_for(lambda: count_orders() == 100, what="100 orders")
+    helpers.wait_for(lambda: helpers.count_orders() == 100, what="100 orders")
     helpers.wait_for(lambda: helpers.queue_depth(queue) == 0, what="the queue to empty")
     assert helpers.rows(
         "billing_test", "SELECT min(user_id), max(user_id) FROM orders"
@@ -49,7 +45,7 @@ def test_numbers_and_numeric_strings_are_stored_right(billing, queue):
         ],
     )  # no message_id, no content_type: as published by hand
     billing.start()
-    helpers.wait_for(lambda: count_orders() == 4, what="4 orders")
+    helpers.wait_for(lambda: helpers.count_orders() == 4, what="4 orders")
     assert helpers.rows(
         "billing_test",
         "SELECT user_id, number_of_items, total_amount, message_id FROM orders"
@@ -85,7 +81,9 @@ def test_invalid_messages_are_dead_lettered_and_others_stored(billing, queue):
     bodies.append(order(999))
     helpers.publish_raw(queue, bodies)
     billing.start()
-    helpers.wait_for(lambda: count_orders() == len(POISON) + 1, what="the good orders")
+    helpers.wait_for(
+        lambda: helpers.count_orders() == len(POISON) + 1, what="the good orders"
+    )
     helpers.wait_for(
         lambda: helpers.queue_depth(f"{queue}.dead") == len(POISON), what="dead letters"
     )
@@ -122,7 +120,7 @@ def test_same_message_id_is_stored_once(billing, queue):
 def test_each_stored_order_is_logged_on_its_own_line(billing, queue):
     helpers.publish_raw(queue, [order(5), order(6)], ['line\nbreak "quoted"', None])
     billing.start()
-    helpers.wait_for(lambda: count_orders() == 2, what="2 orders")
+    helpers.wait_for(lambda: helpers.count_orders() == 2, what="2 orders")
     helpers.wait_for(
         lambda: "message_id null" in billing.tail(), what="the second order's log"
     )
@@ -138,7 +136,7 @@ def test_billing_loads_one_openssl(billing, queue):
     # rather than bring psycopg-binary's second copy (see BENCHMARKS.md).
     helpers.publish_raw(queue, [order(1)], ["one"])
     billing.start()
-    helpers.wait_for(lambda: count_orders() == 1, what="the order")
+    helpers.wait_for(lambda: helpers.count_orders() == 1, what="the order")
     files = helpers.mapped_files(billing.proc.pid)
     assert len([f for f in files if "/libcrypto" in f]) == 1, files
     assert not any("psycopg_binary" in f for f in files)
@@ -150,11 +148,13 @@ def test_kill_9_mid_backlog_loses_and_duplicates_nothing(billing, queue):
         queue, [order(i + 1) for i in range(total)], [f"k{i}" for i in range(total)]
     )
     billing.start()
-    helpers.wait_for(lambda: count_orders() > 0, interval=0.01, what="the first orders")
+    helpers.wait_for(
+        lambda: helpers.count_orders() > 0, interval=0.01, what="the first orders"
+    )
     billing.stop(signal.SIGKILL)
-    stored_at_kill = count_orders()
+    stored_at_kill = helpers.count_orders()
     billing.start()
-    helpers.wait_for(lambda: count_orders() == total, what=f"{total} orders")
+    helpers.wait_for(lambda: helpers.count_orders() == total, what=f"{total} orders")
     helpers.wait_for(lambda: helpers.queue_depth(queue) == 0, what="the queue to empty")
     assert helpers.rows(
         "billing_test", "SELECT count(DISTINCT message_id) FROM orders"
@@ -167,7 +167,7 @@ def test_database_outage_mid_stream_loses_nothing(billing, queue):
     helpers.publish_raw(
         queue, [order(i + 1) for i in range(200)], [f"a{i}" for i in range(200)]
     )
-    helpers.wait_for(lambda: count_orders() == 200, what="the first 200 orders")
+    helpers.wait_for(lambda: helpers.count_orders() == 200, what="the first 200 orders")
     try:
         helpers.pg("stop")
         helpers.publish_raw(
@@ -179,7 +179,9 @@ def test_database_outage_mid_stream_loses_nothing(billing, queue):
         assert billing.proc.poll() is None
     finally:
         helpers.pg("start")
-    helpers.wait_for(lambda: count_orders() == 500, timeout=30, what="all 500 orders")
+    helpers.wait_for(
+        lambda: helpers.count_orders() == 500, timeout=30, what="all 500 orders"
+    )
     helpers.wait_for(lambda: helpers.queue_depth(queue) == 0, what="the queue to empty")
     assert helpers.queue_depth(f"{queue}.dead") == 0
     assert "database unavailable" in billing.tail(400)
@@ -190,11 +192,13 @@ def test_sigterm_exits_cleanly(billing, queue):
         queue, [order(i + 1) for i in range(3000)], [f"t{i}" for i in range(3000)]
     )
     billing.start()
-    helpers.wait_for(lambda: count_orders() > 0, interval=0.01, what="the first orders")
+    helpers.wait_for(
+        lambda: helpers.count_orders() > 0, interval=0.01, what="the first orders"
+    )
     start = time.monotonic()
     assert billing.stop(signal.SIGTERM) == 0
     assert time.monotonic() - start < 5
-    stored = count_orders()
+    stored = helpers.count_orders()
     # every message stored or still queued
     assert stored + helpers.queue_depth(queue) == 3000
     assert "billing stopped" in billing.tail()
@@ -221,7 +225,7 @@ def test_end_to_end_through_gateway(gateway, consumer):
             "total_amount": "250",
         }
         assert helpers.call(gateway.url, "POST", "/api/billing/", body)[0] == 200
-    helpers.wait_for(lambda: count_orders() == 2, what="both orders")
+    helpers.wait_for(lambda: helpers.count_orders() == 2, what="both orders")
     assert helpers.rows(
         "billing_test", "SELECT user_id, total_amount FROM orders ORDER BY user_id"
     ) == [(20, Decimal("250.00")), (22, Decimal("250.00"))]
@@ -241,7 +245,7 @@ def test_retries_with_one_idempotency_key_are_stored_once(
     helpers.wait_for(
         lambda: helpers.queue_depth(queue_name) == 0, what="the queue to empty"
     )
-    helpers.wait_for(lambda: count_orders() == 4, what="4 orders")
+    helpers.wait_for(lambda: helpers.count_orders() == 4, what="4 orders")
     time.sleep(0.5)  # nothing more arrives
     stored = helpers.rows(
         "billing_test", "SELECT user_id, message_id FROM orders ORDER BY id"

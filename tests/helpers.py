@@ -216,7 +216,7 @@ def call(base, method, path, body=None, headers=None, raw=None):
     return resp.status, dict(resp.getheaders()), parsed
 
 
-def wait_for(predicate, timeout=20, interval=0.1, what="condition"):
+def wait_for(predicate, timeout=20, *, interval=0.1, what="condition"):
     """Poll predicate until it returns a truthy value; fail after timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -110,3 +110,9 @@ def procs(queue):
     for service in reversed(started):
         with contextlib.suppress(subprocess.TimeoutExpired):
             service.stop()  # on a timeout, Service.stop has killed it
+
+
+@pytest.fixture(params=["gateway", "inventory"])
+def server(request):
+    """Each HTTP server in turn, for the behaviour both must share."""
+    return request.getfixturevalue(request.param)

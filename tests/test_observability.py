@@ -128,7 +128,7 @@ def request_id(headers):
     return values[0]
 
 
-def test_every_answer_has_a_request_id(gateway):
+def test_every_answer_has_a_request_id(server):
     seen = set()
     for method, path, body in (
         ("GET", "/api/movies?limit=1", None),
@@ -139,11 +139,11 @@ def test_every_answer_has_a_request_id(gateway):
         ("GET", "/health", None),
         ("GET", "/openapi.yaml", None),
     ):
-        _, headers, _ = helpers.call(gateway.url, method, path, body)
+        _, headers, _ = helpers.call(server.url, method, path, body)
         rid = request_id(headers)
         assert SANE_ID.fullmatch(rid) and rid not in seen, (method, path, rid)
         seen.add(rid)
-    port = int(gateway.url.rsplit(":", 1)[1])
+    port = server.port
     for raw in (
         b"GET /api/movies HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n",  # 400
         b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n",  # 505
@@ -166,17 +166,17 @@ def test_every_answer_has_a_request_id(gateway):
         st.text(alphabet="abc-", min_size=120, max_size=140),
     )
 )
-def test_a_sane_client_id_is_kept_any_other_replaced(gateway, sent):
+def test_a_sane_client_id_is_kept_any_other_replaced(server, sent):
     _, headers, _ = helpers.call(
-        gateway.url, "GET", "/nope", headers={"X-Request-Id": sent}
+        server.url, "GET", "/nope", headers={"X-Request-Id": sent}
     )
     rid = request_id(headers)
     assert SANE_ID.fullmatch(rid)
     assert (rid == sent) == bool(SANE_ID.fullmatch(sent)), (sent, rid)
 
 
-def test_two_request_ids_are_replaced(gateway):
-    port = int(gateway.url.rsplit(":", 1)[1])
+def test_two_request_ids_are_replaced(server):
+    port = server.port
     answer = exchange(
         port,
         b"GET /nope HTTP/1.1\r\nHost: x\r\nX-Request-Id: a\r\nX-Request-Id: b\r\n\r\n",

@@ -1,386 +1,67 @@
-"""Shared fixtures: test databases, a test queue and the services as subprocesses.
+"""Fixtures: test databases, queues, the services as subprocesses.
 
-The tests never touch the stack's own databases (movies_db, billing_db) or
-queue: they use movies_test, billing_test and a queue named per session, and
-run each service on a free port, so they can run beside ./scripts/up.sh.
+The helpers they use (and the tests too) are in helpers.py.
 """
 
-import http.client
-import json
-import os
-import signal
-import socket
+import contextlib
 import subprocess
-import sys
-import time
 import uuid
-from pathlib import Path
 
-import pika
-import psycopg
+import helpers
 import pytest
-from dotenv import dotenv_values
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the services are single modules at the top
-ENV = dotenv_values(ROOT / ".env")
-PYTHON = sys.executable
-MOVIES_TEST_DB = "movies_test"
-BILLING_TEST_DB = "billing_test"
-LOGS = ROOT / "logs" / "tests"
-
-
-def free_port():
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def admin_connect(dbname="postgres"):
-    """A superuser connection (local socket, as the machine's setup allows)."""
-    try:
-        return psycopg.connect(dbname=dbname, user="postgres", autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.fail(
-            f"PostgreSQL is not reachable ({exc}); start it with: "
-            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-        )
-
-
-def recreate_database(name, owner, password, schema):
-    """Drop and create a test database owned by the service role, with schema."""
-    with admin_connect() as conn:
-        conn.execute(
-            f"""DO $$ BEGIN
-                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{owner}') THEN
-                    CREATE ROLE "{owner}" LOGIN PASSWORD '{password}';
-                END IF; END $$"""
-        )
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
-    with admin_connect(name) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-        conn.execute(f'SET ROLE "{owner}"')
-        conn.execute((ROOT / "sql" / schema).read_text())
-
-
-def rabbit_params():
-    """Connection parameters for the local RabbitMQ (guest, loopback only)."""
-    return pika.ConnectionParameters(
-        "127.0.0.1",
-        5672,
-        credentials=pika.PlainCredentials("guest", "guest"),
-        connection_attempts=1,
-        socket_timeout=3,
-    )
-
-
-def rabbit_channel():
-    """A fresh blocking channel; fails with a hint if RabbitMQ is down."""
-    try:
-        conn = pika.BlockingConnection(rabbit_params())
-    except pika.exceptions.AMQPError as exc:
-        pytest.fail(
-            f"RabbitMQ is not reachable ({exc!r}); start it with: rabbitmq-server -detached"
-        )
-    return conn, conn.channel()
-
-
-class Service:
-    """One of the three services, run as a subprocess with its own settings."""
-
-    def __init__(self, name, env, port=None):
-        self.name, self.port, self.proc = name, port, None
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
-        LOGS.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGS / f"{name}-{uuid.uuid4().hex[:8]}.log"
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, wait=True):
-        """Start the process and, for HTTP services, wait until it listens."""
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(
-                [PYTHON, str(ROOT / f"{self.name}.py")],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        if wait and self.port:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                assert self.proc.poll() is None, f"{self.name} exited: {self.tail()}"
-                try:
-                    socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                    return self
-                except OSError:
-                    time.sleep(0.05)
-            pytest.fail(f"{self.name} did not listen on {self.port}: {self.tail()}")
-        return self
-
-    def stop(self, sig=signal.SIGTERM, timeout=10):
-        """Send sig and wait for the exit; return the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def tail(self, lines=30):
-        """The end of the service's log."""
-        text = self.log_path.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def mapped_files(pid):
-    """The files a process has mapped, from /proc/<pid>/maps."""
-    with open(f"/proc/{pid}/maps") as maps:
-        return {line.split()[-1] for line in maps if "/" in line}
-
-
-def inventory_env(port):
-    """Settings for a test inventory on port, using movies_test."""
-    return {
-        "INVENTORY_HOST": "127.0.0.1",
-        "INVENTORY_PORT": str(port),
-        "INVENTORY_DB_HOST": "127.0.0.1",
-        "INVENTORY_DB_NAME": MOVIES_TEST_DB,
-    }
-
-
-def rabbit_env(queue):
-    """Settings pointing a service at the local RabbitMQ and a test queue."""
-    return {
-        "RABBITMQ_HOST": "127.0.0.1",
-        "RABBITMQ_PORT": "5672",
-        "RABBITMQ_GATEWAY_USER": "guest",
-        "RABBITMQ_GATEWAY_PASSWORD": "guest",
-        "RABBITMQ_BILLING_USER": "guest",
-        "RABBITMQ_BILLING_PASSWORD": "guest",
-        "RABBITMQ_QUEUE": queue,
-    }
-
-
-def billing_env(queue):
-    """Settings for a test billing consumer on billing_test and queue."""
-    return {
-        **rabbit_env(queue),
-        "BILLING_DB_HOST": "127.0.0.1",
-        "BILLING_DB_NAME": BILLING_TEST_DB,
-    }
-
-
-def gateway_env(port, inventory_port, queue):
-    """Settings for a test gateway in front of a test inventory and queue."""
-    return {
-        **rabbit_env(queue),
-        "GATEWAY_HOST": "127.0.0.1",
-        "GATEWAY_PORT": str(port),
-        "INVENTORY_HOST": "127.0.0.1",
-        "INVENTORY_PORT": str(inventory_port),
-        "INVENTORY_TIMEOUT": "6",  # above inventory's own 4 s database wait
-    }
-
-
-def call(base, method, path, body=None, headers=None, raw=None):
-    """One HTTP request; return (status, headers, parsed JSON or raw bytes)."""
-    url = base.removeprefix("http://")
-    host, port = url.split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=15)
-    headers = dict(headers or {})
-    if body is not None:
-        raw = json.dumps(body).encode()
-        headers.setdefault("Content-Type", "application/json")
-    try:
-        conn.request(method, path, body=raw, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-    finally:
-        conn.close()
-    ctype = resp.getheader("Content-Type", "")
-    parsed = json.loads(data) if ctype.startswith("application/json") else data
-    return resp.status, dict(resp.getheaders()), parsed
-
-
-def wait_for(predicate, timeout=20, interval=0.1, what="condition"):
-    """Poll predicate until it returns a truthy value; fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
-def rows(dbname, sql, params=None):
-    """Run a query as superuser in a test database; return all rows."""
-    with admin_connect(dbname) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
-def delete_queues(*names):
-    """Remove test queues (and their dead-letter queues)."""
-    conn, channel = rabbit_channel()
-    for name in names:
-        channel.queue_delete(name)
-        channel.queue_delete(f"{name}.dead")
-    conn.close()
-
-
-def queue_depth(name):
-    """Messages ready in a queue (0 if the queue does not exist)."""
-    conn, channel = rabbit_channel()
-    try:
-        return channel.queue_declare(name, passive=True).method.message_count
-    except pika.exceptions.ChannelClosedByBroker:
-        return 0
-    finally:
-        if conn.is_open:
-            conn.close()
-
-
-def publish_raw(queue, bodies, message_ids=None, declare=True):
-    """Publish bodies straight to queue with confirms (as a person could)."""
-    conn, channel = rabbit_channel()
-    if declare:
-        channel.queue_declare(f"{queue}.dead", durable=True)
-        channel.queue_declare(
-            queue,
-            durable=True,
-            arguments={
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": f"{queue}.dead",
-            },
-        )
-    channel.confirm_delivery()
-    for i, body in enumerate(bodies):
-        props = pika.BasicProperties(
-            delivery_mode=2,
-            message_id=None if message_ids is None else message_ids[i],
-        )
-        if isinstance(body, (dict, list)):
-            body = json.dumps(body)
-        channel.basic_publish("", queue, body, props)
-    conn.close()
-
-
-# --- Stopping and starting the machine's services ---
-
-
-def pg_online():
-    """Whether the machine's PostgreSQL cluster is running."""
-    out = subprocess.run(
-        ["pg_lsclusters", "-h"], check=False, capture_output=True, text=True
-    )
-    return " online " in f" {out.stdout} "
-
-
-def pg(action):
-    """Stop or start PostgreSQL; a start waits until it accepts connections."""
-    version = subprocess.check_output(["ls", "/etc/postgresql"], text=True).split()[0]
-    done = subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    # "already running" / "not running" is fine: the state is what we asked for
-    assert done.returncode == 0 or pg_online() == (action == "start"), done.stderr
-    if action == "start":
-        wait_for(_pg_accepts, timeout=30, what="PostgreSQL to accept connections")
-
-
-def _pg_accepts():
-    try:
-        psycopg.connect(dbname="postgres", user="postgres", connect_timeout=2).close()
-        return True
-    except psycopg.OperationalError:
-        return False
-
-
-def rabbit(action):
-    """stop_app or start_app RabbitMQ; a start waits until it takes connections."""
-    subprocess.run(["rabbitmqctl", "-q", action], check=True, capture_output=True)
-    if action == "start_app":
-        wait_for(_rabbit_accepts, timeout=30, what="RabbitMQ to accept connections")
-
-
-def _rabbit_accepts():
-    params = pika.ConnectionParameters(
-        "127.0.0.1",
-        5672,
-        credentials=pika.PlainCredentials("guest", "guest"),
-        connection_attempts=1,
-        socket_timeout=2,
-    )
-    try:
-        pika.BlockingConnection(params).close()
-        return True
-    except pika.exceptions.AMQPError:
-        return False
-
-
-# --- Fixtures ---
 
 
 @pytest.fixture(scope="session")
 def movies_db():
     """A fresh movies_test database owned by the inventory role."""
-    recreate_database(
-        MOVIES_TEST_DB,
-        ENV["INVENTORY_DB_USER"],
-        ENV["INVENTORY_DB_PASSWORD"],
+    helpers.recreate_database(
+        helpers.MOVIES_TEST_DB,
+        helpers.ENV["INVENTORY_DB_USER"],
+        helpers.ENV["INVENTORY_DB_PASSWORD"],
         "inventory_schema.sql",
     )
-    return MOVIES_TEST_DB
+    return helpers.MOVIES_TEST_DB
 
 
 @pytest.fixture(scope="session")
 def billing_db():
     """A fresh billing_test database owned by the billing role."""
-    recreate_database(
-        BILLING_TEST_DB,
-        ENV["BILLING_DB_USER"],
-        ENV["BILLING_DB_PASSWORD"],
+    helpers.recreate_database(
+        helpers.BILLING_TEST_DB,
+        helpers.ENV["BILLING_DB_USER"],
+        helpers.ENV["BILLING_DB_PASSWORD"],
         "billing_schema.sql",
     )
-    return BILLING_TEST_DB
+    return helpers.BILLING_TEST_DB
 
 
 @pytest.fixture(scope="session")
 def inventory(movies_db):
     """A running inventory on a free port, against movies_test."""
-    port = free_port()
-    service = Service("inventory", inventory_env(port), port).start()
+    port = helpers.free_port()
+    service = helpers.Service("inventory", helpers.inventory_env(port), port).start()
     yield service
     service.stop()
 
 
 @pytest.fixture(scope="session")
 def queue_name():
-    """A queue name of this test session's own."""
+    """The queue of the session's `gateway` (shared: see `queue` for one's own)."""
     name = f"test_billing_{uuid.uuid4().hex[:8]}"
     yield name
-    delete_queues(name)
+    helpers.delete_queues(name)
 
 
 @pytest.fixture(scope="session")
 def gateway(inventory, queue_name):
     """A running gateway in front of the test inventory and the test queue."""
-    port = free_port()
-    service = Service("gateway", gateway_env(port, inventory.port, queue_name), port)
+    port = helpers.free_port()
+    service = helpers.Service(
+        "gateway", helpers.gateway_env(port, inventory.port, queue_name), port
+    )
     service.start()
-    wait_for(
-        lambda: call(service.url, "GET", "/health")[0] == 200,
+    helpers.wait_for(
+        lambda: helpers.call(service.url, "GET", "/health")[0] == 200,
         what="gateway /health to answer 200",
     )
     yield service
@@ -390,6 +71,48 @@ def gateway(inventory, queue_name):
 @pytest.fixture
 def clean_movies(movies_db):
     """Empty the movies table before a test."""
-    with admin_connect(movies_db) as conn:
+    with helpers.admin_connect(movies_db) as conn:
         conn.execute("TRUNCATE movies RESTART IDENTITY")
     return movies_db
+
+
+@pytest.fixture
+def queue():
+    """A queue name of the test's own; it and its dead-letter queue go afterwards."""
+    name = f"test_queue_{uuid.uuid4().hex[:8]}"
+    yield name
+    helpers.delete_queues(name)
+
+
+@pytest.fixture
+def orders_db(billing_db):
+    """billing_test with an empty orders table."""
+    with helpers.admin_connect(billing_db) as conn:
+        conn.execute("TRUNCATE orders RESTART IDENTITY")
+    return billing_db
+
+
+@pytest.fixture
+def procs(queue):
+    """Start services for one test; stop whatever still runs afterwards.
+
+    Depends on `queue` so that the services stop before their queue is deleted
+    (a running consumer would declare it again).
+    """
+    started = []
+
+    def start(name, env, port=None):
+        service = helpers.Service(name, env, port)
+        started.append(service)
+        return service.start()
+
+    yield start
+    for service in reversed(started):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            service.stop()  # on a timeout, Service.stop has killed it
+
+
+@pytest.fixture(params=["gateway", "inventory"])
+def server(request):
+    """Each HTTP server in turn, for the behaviour both must share."""
+    return request.getfixturevalue(request.param)

@@ -18,6 +18,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import helpers
 import pytest
 from dotenv import dotenv_values
 
@@ -99,16 +100,6 @@ def pm2_status():
     return {app["name"]: app["pm2_env"]["status"] for app in listing}
 
 
-def wait_for(predicate, timeout, interval=0.5):
-    """Poll predicate until it is true or timeout seconds pass; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
 def order_rows(user_id):
     """billing_db rows of this user, as (number_of_items, total_amount)."""
     return sql(
@@ -188,7 +179,10 @@ def test_billing_order_waits_while_billing_app_is_stopped(stack):
         {"user_id": str(first), "number_of_items": "99", "total_amount": "250"},
     )
     assert (status, body) == (200, {"message": "Message posted"})
-    assert wait_for(lambda: order_rows(first), 20) == [["99", "250.00"]]
+    rows = helpers.wait_for(
+        lambda: order_rows(first), 20, interval=0.5, what="the first order stored"
+    )
+    assert rows == [["99", "250.00"]]
 
     try:
         assert run("pm2", "stop", "billing_app").returncode == 0
@@ -210,8 +204,16 @@ def test_billing_order_waits_while_billing_app_is_stopped(stack):
     finally:
         run("pm2", "start", "billing_app")
 
-    assert wait_for(lambda: pm2_status()["billing_app"] == "online", 10)
-    assert wait_for(lambda: order_rows(second), 20) == [["10", "50.00"]]
+    helpers.wait_for(
+        lambda: pm2_status()["billing_app"] == "online",
+        10,
+        interval=0.5,
+        what="billing_app online",
+    )
+    rows = helpers.wait_for(
+        lambda: order_rows(second), 20, interval=0.5, what="the second order stored"
+    )
+    assert rows == [["10", "50.00"]]
 
 
 def test_billing_database_is_listed(stack):

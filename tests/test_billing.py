@@ -3,44 +3,18 @@
 import json
 import signal
 import time
-import uuid
 from decimal import Decimal
 
+import helpers
 import pytest
-from conftest import Service
-from conftest import admin_connect
-from conftest import billing_env
-from conftest import call
-from conftest import delete_queues
-from conftest import mapped_files
-from conftest import pg
-from conftest import publish_raw
-from conftest import queue_depth
-from conftest import rabbit_channel
-from conftest import rows
-from conftest import wait_for
 
 
 @pytest.fixture
-def queue(billing_db):
-    """A queue of the test's own, and an empty orders table."""
-    with admin_connect(billing_db) as conn:
-        conn.execute("TRUNCATE orders RESTART IDENTITY")
-    name = f"test_orders_{uuid.uuid4().hex[:8]}"
-    yield name
-    delete_queues(name)
-
-
-@pytest.fixture
-def billing(queue):
-    """A billing consumer on the test queue (not started)."""
-    service = Service("billing", billing_env(queue))
+def billing(queue, orders_db):
+    """A billing consumer on the test queue and empty orders (not started)."""
+    service = helpers.Service("billing", helpers.billing_env(queue))
     yield service
     service.stop(signal.SIGKILL)
-
-
-def count_orders():
-    return rows("billing_test", "SELECT count(*) FROM orders")[0][0]
 
 
 def order(i, **changes):
@@ -48,18 +22,20 @@ def order(i, **changes):
 
 
 def test_backlog_published_while_stopped_is_stored_on_start(billing, queue):
-    publish_raw(queue, [order(i) for i in range(1, 101)], [f"m{i}" for i in range(100)])
-    assert queue_depth(queue) == 100
+    helpers.publish_raw(
+        queue, [order(i) for i in range(1, 101)], [f"m{i}" for i in range(100)]
+    )
+    assert helpers.queue_depth(queue) == 100
     billing.start()
-    wait_for(lambda: count_orders() == 100, what="100 orders")
-    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
-    assert rows("billing_test", "SELECT min(user_id), max(user_id) FROM orders") == [
-        (1, 100)
-    ]
+    helpers.wait_for(lambda: helpers.count_orders() == 100, what="100 orders")
+    helpers.wait_for(lambda: helpers.queue_depth(queue) == 0, what="the queue to empty")
+    assert helpers.rows(
+        "billing_test", "SELECT min(user_id), max(user_id) FROM orders"
+    ) == [(1, 100)]
 
 
 def test_numbers_and_numeric_strings_are_stored_right(billing, queue):
-    publish_raw(
+    helpers.publish_raw(
         queue,
         [
             {"user_id": "3", "number_of_items": "5", "total_amount": "180"},
@@ -69,8 +45,8 @@ def test_numbers_and_numeric_strings_are_stored_right(billing, queue):
         ],
     )  # no message_id, no content_type: as published by hand
     billing.start()
-    wait_for(lambda: count_orders() == 4, what="4 orders")
-    assert rows(
+    helpers.wait_for(lambda: helpers.count_orders() == 4, what="4 orders")
+    assert helpers.rows(
         "billing_test",
         "SELECT user_id, number_of_items, total_amount, message_id FROM orders"
         " ORDER BY user_id",
@@ -103,12 +79,16 @@ def test_invalid_messages_are_dead_lettered_and_others_stored(billing, queue):
     for i, poison in enumerate(POISON):
         bodies += [order(100 + i), poison]
     bodies.append(order(999))
-    publish_raw(queue, bodies)
+    helpers.publish_raw(queue, bodies)
     billing.start()
-    wait_for(lambda: count_orders() == len(POISON) + 1, what="the good orders")
-    wait_for(lambda: queue_depth(f"{queue}.dead") == len(POISON), what="dead letters")
-    assert queue_depth(queue) == 0
-    conn, channel = rabbit_channel()
+    helpers.wait_for(
+        lambda: helpers.count_orders() == len(POISON) + 1, what="the good orders"
+    )
+    helpers.wait_for(
+        lambda: helpers.queue_depth(f"{queue}.dead") == len(POISON), what="dead letters"
+    )
+    assert helpers.queue_depth(queue) == 0
+    conn, channel = helpers.rabbit_channel()
     dead = []
     for _ in POISON:
         _, properties, body = channel.basic_get(f"{queue}.dead", auto_ack=True)
@@ -120,24 +100,30 @@ def test_invalid_messages_are_dead_lettered_and_others_stored(billing, queue):
 
 
 def test_same_message_id_is_stored_once(billing, queue):
-    publish_raw(queue, [order(7), order(7), order(8)], ["dup", "dup", "other"])
+    helpers.publish_raw(queue, [order(7), order(7), order(8)], ["dup", "dup", "other"])
     billing.start()
-    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
+    helpers.wait_for(lambda: helpers.queue_depth(queue) == 0, what="the queue to empty")
     time.sleep(0.5)
-    publish_raw(queue, [order(7)], ["dup"])  # redelivered later, in another batch
-    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
+    helpers.publish_raw(
+        queue, [order(7)], ["dup"]
+    )  # redelivered later, in another batch
+    helpers.wait_for(lambda: helpers.queue_depth(queue) == 0, what="the queue to empty")
     time.sleep(0.5)
-    assert rows("billing_test", "SELECT message_id FROM orders ORDER BY id") == [
+    assert helpers.rows(
+        "billing_test", "SELECT message_id FROM orders ORDER BY id"
+    ) == [
         ("dup",),
         ("other",),
     ]
 
 
 def test_each_stored_order_is_logged_on_its_own_line(billing, queue):
-    publish_raw(queue, [order(5), order(6)], ['line\nbreak "quoted"', None])
+    helpers.publish_raw(queue, [order(5), order(6)], ['line\nbreak "quoted"', None])
     billing.start()
-    wait_for(lambda: count_orders() == 2, what="2 orders")
-    wait_for(lambda: "message_id null" in billing.tail(), what="the second order's log")
+    helpers.wait_for(lambda: helpers.count_orders() == 2, what="2 orders")
+    helpers.wait_for(
+        lambda: "message_id null" in billing.tail(), what="the second order's log"
+    )
     lines = [line for line in billing.tail().splitlines() if "stored order" in line]
     assert lines[0].endswith(
         'stored order 1: user 5, 1 items, 9.99, message_id "line\\nbreak \\"quoted\\""'
@@ -148,41 +134,43 @@ def test_each_stored_order_is_logged_on_its_own_line(billing, queue):
 def test_billing_loads_one_openssl(billing, queue):
     # pika needs Python's ssl; psycopg must share its OpenSSL (system libpq)
     # rather than bring psycopg-binary's second copy (see BENCHMARKS.md).
-    publish_raw(queue, [order(1)], ["one"])
+    helpers.publish_raw(queue, [order(1)], ["one"])
     billing.start()
-    wait_for(lambda: count_orders() == 1, what="the order")
-    files = mapped_files(billing.proc.pid)
+    helpers.wait_for(lambda: helpers.count_orders() == 1, what="the order")
+    files = helpers.mapped_files(billing.proc.pid)
     assert len([f for f in files if "/libcrypto" in f]) == 1, files
     assert not any("psycopg_binary" in f for f in files)
 
 
 def test_kill_9_mid_backlog_loses_and_duplicates_nothing(billing, queue):
     total = 5000
-    publish_raw(
+    helpers.publish_raw(
         queue, [order(i + 1) for i in range(total)], [f"k{i}" for i in range(total)]
     )
     billing.start()
-    wait_for(lambda: count_orders() > 0, interval=0.01, what="the first orders")
+    helpers.wait_for(
+        lambda: helpers.count_orders() > 0, interval=0.01, what="the first orders"
+    )
     billing.stop(signal.SIGKILL)
-    stored_at_kill = count_orders()
+    stored_at_kill = helpers.count_orders()
     billing.start()
-    wait_for(lambda: count_orders() == total, what=f"{total} orders")
-    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
-    assert rows("billing_test", "SELECT count(DISTINCT message_id) FROM orders") == [
-        (total,)
-    ]
+    helpers.wait_for(lambda: helpers.count_orders() == total, what=f"{total} orders")
+    helpers.wait_for(lambda: helpers.queue_depth(queue) == 0, what="the queue to empty")
+    assert helpers.rows(
+        "billing_test", "SELECT count(DISTINCT message_id) FROM orders"
+    ) == [(total,)]
     print(f"killed with {stored_at_kill} of {total} stored; {total} rows after restart")
 
 
 def test_database_outage_mid_stream_loses_nothing(billing, queue):
     billing.start()
-    publish_raw(
+    helpers.publish_raw(
         queue, [order(i + 1) for i in range(200)], [f"a{i}" for i in range(200)]
     )
-    wait_for(lambda: count_orders() == 200, what="the first 200 orders")
+    helpers.wait_for(lambda: helpers.count_orders() == 200, what="the first 200 orders")
     try:
-        pg("stop")
-        publish_raw(
+        helpers.pg("stop")
+        helpers.publish_raw(
             queue,
             [order(i + 1) for i in range(200, 500)],
             [f"a{i}" for i in range(200, 500)],
@@ -190,36 +178,41 @@ def test_database_outage_mid_stream_loses_nothing(billing, queue):
         time.sleep(3)  # billing retries meanwhile, acking nothing
         assert billing.proc.poll() is None
     finally:
-        pg("start")
-    wait_for(lambda: count_orders() == 500, timeout=30, what="all 500 orders")
-    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
-    assert queue_depth(f"{queue}.dead") == 0
+        helpers.pg("start")
+    helpers.wait_for(
+        lambda: helpers.count_orders() == 500, timeout=30, what="all 500 orders"
+    )
+    helpers.wait_for(lambda: helpers.queue_depth(queue) == 0, what="the queue to empty")
+    assert helpers.queue_depth(f"{queue}.dead") == 0
     assert "database unavailable" in billing.tail(400)
 
 
 def test_sigterm_exits_cleanly(billing, queue):
-    publish_raw(
+    helpers.publish_raw(
         queue, [order(i + 1) for i in range(3000)], [f"t{i}" for i in range(3000)]
     )
     billing.start()
-    wait_for(lambda: count_orders() > 0, interval=0.01, what="the first orders")
+    helpers.wait_for(
+        lambda: helpers.count_orders() > 0, interval=0.01, what="the first orders"
+    )
     start = time.monotonic()
     assert billing.stop(signal.SIGTERM) == 0
     assert time.monotonic() - start < 5
-    stored = count_orders()
-    assert stored + queue_depth(queue) == 3000  # every message stored or still queued
+    stored = helpers.count_orders()
+    # every message stored or still queued
+    assert stored + helpers.queue_depth(queue) == 3000
     assert "billing stopped" in billing.tail()
 
 
 @pytest.fixture
 def consumer(gateway, queue_name, billing_db):
     """A billing consumer behind the session's gateway, on empty orders."""
-    with admin_connect(billing_db) as conn:
+    with helpers.admin_connect(billing_db) as conn:
         conn.execute("TRUNCATE orders RESTART IDENTITY")
-    conn, channel = rabbit_channel()
+    conn, channel = helpers.rabbit_channel()
     channel.queue_purge(queue_name)  # left over by other tests
     conn.close()
-    service = Service("billing", billing_env(queue_name)).start()
+    service = helpers.Service("billing", helpers.billing_env(queue_name)).start()
     yield service
     assert service.stop() == 0
 
@@ -231,9 +224,9 @@ def test_end_to_end_through_gateway(gateway, consumer):
             "number_of_items": "99",
             "total_amount": "250",
         }
-        assert call(gateway.url, "POST", "/api/billing/", body)[0] == 200
-    wait_for(lambda: count_orders() == 2, what="both orders")
-    assert rows(
+        assert helpers.call(gateway.url, "POST", "/api/billing/", body)[0] == 200
+    helpers.wait_for(lambda: helpers.count_orders() == 2, what="both orders")
+    assert helpers.rows(
         "billing_test", "SELECT user_id, total_amount FROM orders ORDER BY user_id"
     ) == [(20, Decimal("250.00")), (22, Decimal("250.00"))]
 
@@ -245,13 +238,18 @@ def test_retries_with_one_idempotency_key_are_stored_once(
     for user, key in attempts:
         body = {"user_id": user, "number_of_items": 1, "total_amount": "5"}
         headers = {"Idempotency-Key": key}
-        assert call(gateway.url, "POST", "/api/billing", body, headers)[0] == 200
-    assert call(gateway.url, "POST", "/api/billing", body)[0] == 200  # no key
-    wait_for(lambda: queue_depth(queue_name) == 0, what="the queue to empty")
-    wait_for(lambda: count_orders() == 4, what="4 orders")
+        assert (
+            helpers.call(gateway.url, "POST", "/api/billing", body, headers)[0] == 200
+        )
+    assert helpers.call(gateway.url, "POST", "/api/billing", body)[0] == 200  # no key
+    helpers.wait_for(
+        lambda: helpers.queue_depth(queue_name) == 0, what="the queue to empty"
+    )
+    helpers.wait_for(lambda: helpers.count_orders() == 4, what="4 orders")
     time.sleep(0.5)  # nothing more arrives
-    stored = rows("billing_test", "SELECT user_id, message_id FROM orders ORDER BY id")
+    stored = helpers.rows(
+        "billing_test", "SELECT user_id, message_id FROM orders ORDER BY id"
+    )
     assert stored[:3] == [(20, "key:20:k1"), (21, "key:21:k1"), (20, "key:20:k2")]
-    assert (
-        len(stored) == 4 and stored[3][1] != "key:20:k2"
-    )  # the order sent without a key
+    # the order sent without a key
+    assert len(stored) == 4 and stored[3][1] != "key:20:k2"

@@ -15,20 +15,8 @@ import time
 import uuid
 from decimal import Decimal
 
+import helpers
 import pytest
-from conftest import BILLING_TEST_DB
-from conftest import ENV
-from conftest import LOGS
-from conftest import PYTHON
-from conftest import ROOT
-from conftest import Service
-from conftest import admin_connect
-from conftest import billing_env
-from conftest import delete_queues
-from conftest import publish_raw
-from conftest import queue_depth
-from conftest import rows
-from conftest import wait_for
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
@@ -179,7 +167,10 @@ def test_whatever_billing_accepts_postgresql_stores(billing_db, text, message_id
         verdict = "dead"
     if verdict != "order":
         return
-    with admin_connect(billing_db) as conn, conn.transaction(force_rollback=True):
+    with (
+        helpers.admin_connect(billing_db) as conn,
+        conn.transaction(force_rollback=True),
+    ):
         conn.execute(
             billing.QUERIES["insert_orders"],
             {
@@ -195,19 +186,9 @@ def test_whatever_billing_accepts_postgresql_stores(billing_db, text, message_id
 
 
 @pytest.fixture
-def queue(billing_db):
-    """A queue of the test's own, and an empty orders table."""
-    with admin_connect(billing_db) as conn:
-        conn.execute("TRUNCATE orders RESTART IDENTITY")
-    name = f"test_robust_{uuid.uuid4().hex[:8]}"
-    yield name
-    delete_queues(name)
-
-
-@pytest.fixture
-def consumer(queue):
-    """A billing consumer on the test queue (not started)."""
-    service = Service("billing", billing_env(queue))
+def consumer(queue, orders_db):
+    """A billing consumer on the test queue and empty orders (not started)."""
+    service = helpers.Service("billing", helpers.billing_env(queue))
     yield service
     service.stop(signal.SIGKILL)
 
@@ -220,7 +201,9 @@ def order(user_id, amount="9.99"):
 def stored():
     """{user_id: rows} in billing_test.orders."""
     return dict(
-        rows(BILLING_TEST_DB, "SELECT user_id, count(*) FROM orders GROUP BY 1")
+        helpers.rows(
+            helpers.BILLING_TEST_DB, "SELECT user_id, count(*) FROM orders GROUP BY 1"
+        )
     )
 
 
@@ -236,29 +219,35 @@ def test_huge_exponent_is_dead_lettered_and_billing_stays_up(consumer, queue):
     poison = (
         b'{"user_id": 1, "number_of_items": 1, "total_amount": 1e1000000000000000000}'
     )
-    publish_raw(queue, [order(1), poison, order(2)], ["h1", "h-poison", "h2"])
+    helpers.publish_raw(queue, [order(1), poison, order(2)], ["h1", "h-poison", "h2"])
     consumer.start()
-    wait_for(
+    helpers.wait_for(
         lambda: stored() == {1: 1, 2: 1} or consumer.proc.poll() is not None,
         what="the orders around the poison",
     )
     assert consumer.proc.poll() is None, consumer.tail()
-    wait_for(lambda: queue_depth(f"{queue}.dead") == 1, what="the dead letter")
+    helpers.wait_for(
+        lambda: helpers.queue_depth(f"{queue}.dead") == 1, what="the dead letter"
+    )
     assert "rejected message 'h-poison': 'total_amount' must be" in consumer.tail()
 
 
 def test_nack_then_ack_never_stores_an_order_twice(consumer, queue):
     # The reviewer's case: a valid order without message_id, then not-JSON,
     # in one batch; then the other order too (the nacked tag not last).
-    publish_raw(queue, [order(1), b"not json"])
+    helpers.publish_raw(queue, [order(1), b"not json"])
     consumer.start()
-    wait_for(lambda: queue_depth(f"{queue}.dead") == 1, what="the dead letter")
-    publish_raw(queue, [order(2), b"not json", order(3)])
-    wait_for(lambda: queue_depth(f"{queue}.dead") == 2, what="the second dead letter")
-    wait_for(lambda: stored() == {1: 1, 2: 1, 3: 1}, what="three orders")
+    helpers.wait_for(
+        lambda: helpers.queue_depth(f"{queue}.dead") == 1, what="the dead letter"
+    )
+    helpers.publish_raw(queue, [order(2), b"not json", order(3)])
+    helpers.wait_for(
+        lambda: helpers.queue_depth(f"{queue}.dead") == 2, what="the second dead letter"
+    )
+    helpers.wait_for(lambda: stored() == {1: 1, 2: 1, 3: 1}, what="three orders")
     time.sleep(1.5)  # a redelivered duplicate would show up by now
     assert stored() == {1: 1, 2: 1, 3: 1}
-    assert queue_depth(queue) == 0
+    assert helpers.queue_depth(queue) == 0
     assert_channel_never_closed(consumer)
 
 
@@ -287,36 +276,42 @@ DB_FAULTS = {
 @pytest.mark.parametrize("fault", list(DB_FAULTS))
 def test_database_fault_dead_letters_nothing(consumer, queue, fault):
     breaks, repairs = (
-        sql.format(role=ENV["BILLING_DB_USER"]) for sql in DB_FAULTS[fault]
+        sql.format(role=helpers.ENV["BILLING_DB_USER"]) for sql in DB_FAULTS[fault]
     )
-    publish_raw(queue, [order(i) for i in range(1, 21)], [f"f{i}" for i in range(20)])
-    with admin_connect(BILLING_TEST_DB) as conn:
+    helpers.publish_raw(
+        queue, [order(i) for i in range(1, 21)], [f"f{i}" for i in range(20)]
+    )
+    with helpers.admin_connect(helpers.BILLING_TEST_DB) as conn:
         conn.execute("SET default_transaction_read_only = off")
         conn.execute(breaks)
     try:
         consumer.start()
         time.sleep(3)  # billing meets the fault, and should back off
         assert consumer.proc.poll() is None, consumer.tail()
-        assert queue_depth(f"{queue}.dead") == 0, consumer.tail()
+        assert helpers.queue_depth(f"{queue}.dead") == 0, consumer.tail()
     finally:
-        with admin_connect(BILLING_TEST_DB) as conn:
+        with helpers.admin_connect(helpers.BILLING_TEST_DB) as conn:
             conn.execute("SET default_transaction_read_only = off")
             conn.execute(repairs)
-    wait_for(lambda: len(stored()) == 20, timeout=30, what="the 20 orders")
+    helpers.wait_for(lambda: len(stored()) == 20, timeout=30, what="the 20 orders")
     assert stored() == {i: 1 for i in range(1, 21)}
-    assert queue_depth(f"{queue}.dead") == 0
+    assert helpers.queue_depth(f"{queue}.dead") == 0
 
 
 def test_a_row_postgresql_refuses_is_dead_lettered_alone(consumer, queue):
-    with admin_connect(BILLING_TEST_DB) as conn:
+    with helpers.admin_connect(helpers.BILLING_TEST_DB) as conn:
         conn.execute("ALTER TABLE orders ADD CONSTRAINT not_666 CHECK (user_id <> 666)")
     try:
-        publish_raw(queue, [order(1), order(666), order(2)], ["r1", "r666", "r2"])
+        helpers.publish_raw(
+            queue, [order(1), order(666), order(2)], ["r1", "r666", "r2"]
+        )
         consumer.start()
-        wait_for(lambda: queue_depth(f"{queue}.dead") == 1, what="the refused order")
-        wait_for(lambda: stored() == {1: 1, 2: 1}, what="the two others")
+        helpers.wait_for(
+            lambda: helpers.queue_depth(f"{queue}.dead") == 1, what="the refused order"
+        )
+        helpers.wait_for(lambda: stored() == {1: 1, 2: 1}, what="the two others")
     finally:
-        with admin_connect(BILLING_TEST_DB) as conn:
+        with helpers.admin_connect(helpers.BILLING_TEST_DB) as conn:
             conn.execute("ALTER TABLE orders DROP CONSTRAINT not_666")
 
 
@@ -351,13 +346,17 @@ class Supervisor:
 
     def __init__(self, args, env):
         self.args, self.env, self.restarts, self.proc = args, env, 0, None
-        LOGS.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGS / f"faulty-billing-{uuid.uuid4().hex[:8]}.log"
+        helpers.LOGS.mkdir(parents=True, exist_ok=True)
+        self.log_path = helpers.LOGS / f"faulty-billing-{uuid.uuid4().hex[:8]}.log"
 
     def _spawn(self):
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
-                self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                self.args,
+                cwd=helpers.ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     def watch(self, seconds, done):
@@ -378,20 +377,22 @@ class Supervisor:
 
 
 @pytest.mark.parametrize("how", ["raise", "kill", "abort", "hang"])
-def test_a_message_that_kills_billing_is_dead_lettered_not_looped(queue, how):
+def test_a_message_that_kills_billing_is_dead_lettered_not_looped(
+    queue, orders_db, how
+):
     marker = f"crash-{uuid.uuid4().hex[:6]}"
     poison = json.dumps({**order(500), "note": marker})
     bodies = [order(1), poison, order(2), *[order(i) for i in range(3, 50)]]
-    publish_raw(queue, bodies, [f"c{i}" for i in range(len(bodies))])
-    env = {**os.environ, **billing_env(queue), "PYTHONUNBUFFERED": "1"}
-    supervisor = Supervisor([PYTHON, "-c", FAULTY_BILLING, marker, how], env)
+    helpers.publish_raw(queue, bodies, [f"c{i}" for i in range(len(bodies))])
+    env = {**os.environ, **helpers.billing_env(queue), "PYTHONUNBUFFERED": "1"}
+    supervisor = Supervisor([helpers.PYTHON, "-c", FAULTY_BILLING, marker, how], env)
     try:
         supervisor.watch(
             40,
-            lambda: queue_depth(f"{queue}.dead") == 1 and len(stored()) == 48,
+            lambda: helpers.queue_depth(f"{queue}.dead") == 1 and len(stored()) == 48,
         )
         log = supervisor.log_path.read_text(errors="replace")
-        assert queue_depth(f"{queue}.dead") == 1, log[-3000:]
+        assert helpers.queue_depth(f"{queue}.dead") == 1, log[-3000:]
         assert stored() == {i: 1 for i in range(1, 50)}
         assert supervisor.restarts <= (0 if how == "raise" else 1), log[-3000:]
         time.sleep(1)
@@ -465,7 +466,7 @@ def psql_file(dbname, path):
 
 def id_types(dbname, table):
     """(column type, identity sequence type) of table.id."""
-    return rows(
+    return helpers.rows(
         dbname,
         "SELECT c.data_type, s.data_type::text FROM information_schema.columns c"
         " JOIN pg_sequences s ON s.sequencename = %s"
@@ -478,34 +479,36 @@ def id_types(dbname, table):
 def test_schema_migrates_an_old_database_to_bigint_ids(schema):
     dbname = f"migrate_test_{schema.split('_')[0]}"
     table, old_insert, new_insert = OLD_ROWS[schema]
-    with admin_connect() as conn:
+    with helpers.admin_connect() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{dbname}"')
     try:
-        with admin_connect(dbname) as conn:
+        with helpers.admin_connect(dbname) as conn:
             conn.execute(OLD_SCHEMAS[schema])
             conn.execute(old_insert)
         assert id_types(dbname, table) == ("integer", "integer")
         for _ in range(2):  # idempotent: the second run changes nothing
-            psql_file(dbname, ROOT / "sql" / schema)
+            psql_file(dbname, helpers.ROOT / "sql" / schema)
             assert id_types(dbname, table) == ("bigint", "bigint")
-        with admin_connect(dbname) as conn:
+        with helpers.admin_connect(dbname) as conn:
             conn.execute(f"ALTER TABLE {table} ALTER COLUMN id RESTART WITH 3000000000")
             conn.execute(new_insert)
             ids = [r[0] for r in conn.execute(f"SELECT id FROM {table} ORDER BY id")]
         assert ids == [1, 2, 3_000_000_000]
     finally:
-        with admin_connect() as conn:
+        with helpers.admin_connect() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
 
 
 def test_billing_stores_order_ids_beyond_32_bits(consumer, queue):
-    with admin_connect(BILLING_TEST_DB) as conn:
+    with helpers.admin_connect(helpers.BILLING_TEST_DB) as conn:
         conn.execute("ALTER TABLE orders ALTER COLUMN id RESTART WITH 4000000000")
-    publish_raw(queue, [order(1)], ["big-id"])
+    helpers.publish_raw(queue, [order(1)], ["big-id"])
     consumer.start()
-    wait_for(lambda: stored() == {1: 1}, what="the order")
-    assert rows(BILLING_TEST_DB, "SELECT id FROM orders") == [(4_000_000_000,)]
+    helpers.wait_for(lambda: stored() == {1: 1}, what="the order")
+    assert helpers.rows(helpers.BILLING_TEST_DB, "SELECT id FROM orders") == [
+        (4_000_000_000,)
+    ]
     assert "stored order 4000000000: user 1" in consumer.tail()
 
 
@@ -569,7 +572,7 @@ def test_random_messages_batches_and_kills(consumer, queue, seed):
         size = rng.choice([1, 3, 10, 40, 150, 400])
         chunk = messages[position : position + size]
         position += size
-        publish_raw(queue, [m[0] for m in chunk], [m[1] for m in chunk])
+        helpers.publish_raw(queue, [m[0] for m in chunk], [m[1] for m in chunk])
         if consumer.proc is None:
             consumer.start()
         time.sleep(rng.choice([0, 0.02, 0.1, 0.3, 0.6]))
@@ -579,14 +582,16 @@ def test_random_messages_batches_and_kills(consumer, queue, seed):
             consumer.start()
     for _ in range(rng.randrange(3)):  # and while it drains what is left
         time.sleep(rng.uniform(0.2, 0.8))
-        if queue_depth(queue):
+        if helpers.queue_depth(queue):
             consumer.stop(signal.SIGKILL)
             kills += 1
             consumer.start()
     valid = {m[2] for m in messages if m[2] is not None}
     invalid = sum(1 for m in messages if m[2] is None)
-    wait_for(lambda: set(stored()) >= valid, timeout=40, what="every valid order")
-    wait_for(lambda: queue_depth(queue) == 0, what="the queue to empty")
+    helpers.wait_for(
+        lambda: set(stored()) >= valid, timeout=40, what="every valid order"
+    )
+    helpers.wait_for(lambda: helpers.queue_depth(queue) == 0, what="the queue to empty")
     time.sleep(0.5)
     counts = stored()
     no_id = {m[2] for m in messages if m[1] is None and m[2] is not None}
@@ -596,7 +601,7 @@ def test_random_messages_batches_and_kills(consumer, queue, seed):
     assert not set(twice) - no_id, twice
     assert sum(n - 1 for n in twice.values()) <= kills
     assert set(counts) == valid
-    assert queue_depth(f"{queue}.dead") == invalid
+    assert helpers.queue_depth(f"{queue}.dead") == invalid
     assert consumer.stop() == 0
     assert_channel_never_closed(consumer)
     print(

@@ -12,9 +12,8 @@ import subprocess
 import time
 import uuid
 
+import helpers
 import pytest
-from conftest import call
-from conftest import free_port
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -41,7 +40,7 @@ class Browser:
                     f"{program} is missing: apt-get install chromium chromium-driver "
                     "(./scripts/test.sh does)"
                 )
-        self.port = free_port()
+        self.port = helpers.free_port()
         self.driver = subprocess.Popen(
             ["chromedriver", f"--port={self.port}"],
             stdout=subprocess.DEVNULL,
@@ -124,7 +123,7 @@ def test_try_it_out_sends_the_request_to_the_gateway_serving_the_page(
 ):
     # Try it out fills ?title= with the documented example, "new movie".
     title = f"A new movie {uuid.uuid4().hex[:8]}"
-    status, _, _ = call(gateway.url, "POST", "/api/movies", {"title": title})
+    status, _, _ = helpers.call(gateway.url, "POST", "/api/movies", {"title": title})
     assert status == 201
     browser.command("POST", "/url", {"url": f"{gateway.url}/docs"})
     block = '//div[contains(@class, "opblock-get")][.//*[@data-path="/api/movies"]]'

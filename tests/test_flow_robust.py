@@ -16,23 +16,11 @@ import socket
 import subprocess
 import time
 import types
-import uuid
 
+import helpers
 import pika
 import pytest
 import yaml
-from conftest import ROOT
-from conftest import Service
-from conftest import admin_connect
-from conftest import call
-from conftest import delete_queues
-from conftest import free_port
-from conftest import gateway_env
-from conftest import inventory_env
-from conftest import queue_depth
-from conftest import rabbit_channel
-from conftest import rabbit_params
-from conftest import wait_for
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -46,23 +34,27 @@ ALLOWED_CONTROLS = "\t\n\r"
 
 
 @pytest.fixture
-def stack(clean_movies):
+def stack(clean_movies, queue):
     """A fresh inventory and gateway of the test's own: (inventory, gateway)."""
-    queue = f"test_flow_{uuid.uuid4().hex[:8]}"
-    inventory_port, gateway_port = free_port(), free_port()
-    inv = Service("inventory", inventory_env(inventory_port), inventory_port)
-    gw = Service(
-        "gateway", gateway_env(gateway_port, inventory_port, queue), gateway_port
+    inventory_port, gateway_port = helpers.free_port(), helpers.free_port()
+    inv = helpers.Service(
+        "inventory", helpers.inventory_env(inventory_port), inventory_port
+    )
+    gw = helpers.Service(
+        "gateway",
+        helpers.gateway_env(gateway_port, inventory_port, queue),
+        gateway_port,
     )
     inv.start()
     gw.start()
     try:
-        wait_for(lambda: call(gw.url, "GET", "/health")[0] == 200, what="health")
+        helpers.wait_for(
+            lambda: helpers.call(gw.url, "GET", "/health")[0] == 200, what="health"
+        )
         yield inv, gw
     finally:
         gw.stop()
         inv.stop()
-        delete_queues(queue)
 
 
 def peak_mib(pid):
@@ -92,7 +84,7 @@ def test_lists_of_huge_movies_take_bounded_memory(stack):
     # 61 KB of JSON per movie (10,000 control characters, escaped as \u0001),
     # stored straight in the table as an older version could have.
     inv, gw = stack
-    with admin_connect(inv.env["INVENTORY_DB_NAME"]) as conn:
+    with helpers.admin_connect(inv.env["INVENTORY_DB_NAME"]) as conn:
         conn.execute(
             "INSERT INTO movies (title, description)"
             " SELECT 'Huge ' || i, repeat(chr(1), 10000)"
@@ -121,7 +113,7 @@ def test_lists_of_huge_movies_take_bounded_memory(stack):
 @pytest.fixture(scope="module")
 def mixed_movies(movies_db):
     """300 movies of mixed sizes (0 to 61 KB of JSON) in movies_test: their rows."""
-    with admin_connect(movies_db) as conn:
+    with helpers.admin_connect(movies_db) as conn:
         conn.execute("TRUNCATE movies RESTART IDENTITY")
         conn.execute(
             "INSERT INTO movies (title, description)"
@@ -160,17 +152,17 @@ def test_pages_cut_by_bytes_add_up_to_the_table(
 
 @pytest.mark.parametrize("char", ["\x01", "\x08", "\x0b", "\x0c", "\x1b", "\x1f"])
 def test_control_characters_in_movies_are_400(inventory, clean_movies, char):
-    movie = call(inventory.url, "POST", "/api/movies", {"title": "ok"})[2]
+    movie = helpers.call(inventory.url, "POST", "/api/movies", {"title": "ok"})[2]
     for method, path, body in (
         ("POST", "/api/movies", {"title": f"a{char}b"}),
         ("POST", "/api/movies", {"title": "t", "description": f"a{char}b"}),
         ("PUT", f"/api/movies/{movie['id']}", {"description": char * 10_000}),
     ):
-        status, _, answer = call(inventory.url, method, path, body)
+        status, _, answer = helpers.call(inventory.url, method, path, body)
         assert status == 400 and "control character" in answer["error"], body
-    assert call(inventory.url, "GET", f"/api/movies/{movie['id']}")[2] == movie
+    assert helpers.call(inventory.url, "GET", f"/api/movies/{movie['id']}")[2] == movie
     kept = {"title": "tab\there", "description": "line\r\nnext\tcol"}
-    status, _, created = call(inventory.url, "POST", "/api/movies", kept)
+    status, _, created = helpers.call(inventory.url, "POST", "/api/movies", kept)
     assert status == 201 and created == {"id": created["id"], **kept}
 
 
@@ -198,7 +190,9 @@ def _accepted(field, value, limit, required):
     return True
 
 
-SCHEMAS = yaml.safe_load((ROOT / "openapi.yaml").read_text())["components"]["schemas"]
+SCHEMAS = yaml.safe_load((helpers.ROOT / "openapi.yaml").read_text())["components"][
+    "schemas"
+]
 
 
 @settings(max_examples=500, deadline=None)
@@ -226,7 +220,7 @@ def stalled_reader(port, path):
 
 def test_clients_that_do_not_read_leave_the_pool_free(stack):
     inv, gw = stack
-    with admin_connect(inv.env["INVENTORY_DB_NAME"]) as conn:
+    with helpers.admin_connect(inv.env["INVENTORY_DB_NAME"]) as conn:
         conn.execute(
             "INSERT INTO movies (title, description)"
             " SELECT 'Slow ' || i, repeat('x', 2000)"
@@ -246,7 +240,7 @@ def test_clients_that_do_not_read_leave_the_pool_free(stack):
                     ("POST", "/api/movies", {"title": "During"}),
                 ):
                     begun = time.monotonic()
-                    status, _, answer = call(service.url, method, path, body)
+                    status, _, answer = helpers.call(service.url, method, path, body)
                     answers.append((status, time.monotonic() - begun, path, answer))
     finally:
         for sock in stalled:
@@ -259,15 +253,17 @@ def test_clients_that_do_not_read_leave_the_pool_free(stack):
 
 def test_exhausted_pool_is_503_busy_not_unavailable(inventory, clean_movies):
     # Every pooled connection waits on a lock: the next request finds none.
-    movie = call(inventory.url, "POST", "/api/movies", {"title": "Locked"})[2]
+    movie = helpers.call(inventory.url, "POST", "/api/movies", {"title": "Locked"})[2]
     path = f"/api/movies/{movie['id']}"
-    with admin_connect(clean_movies) as admin:
+    with helpers.admin_connect(clean_movies) as admin:
         admin.execute("BEGIN")
         admin.execute("LOCK TABLE movies IN ACCESS EXCLUSIVE MODE")
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            held = [pool.submit(call, inventory.url, "GET", path) for _ in range(4)]
+            held = [
+                pool.submit(helpers.call, inventory.url, "GET", path) for _ in range(4)
+            ]
             time.sleep(0.5)
-            status, headers, body = call(inventory.url, "GET", path)
+            status, headers, body = helpers.call(inventory.url, "GET", path)
             admin.execute("ROLLBACK")
             assert [f.result()[0] for f in held] == [200] * 4
     assert status == 503 and body == {"error": "database busy, try again"}
@@ -293,27 +289,29 @@ class FailingSocketpair:
         self.failing = False
 
 
-def test_publisher_survives_running_out_of_descriptors(monkeypatch):
-    queue = f"test_flow_{uuid.uuid4().hex[:8]}"
+def test_publisher_survives_running_out_of_descriptors(monkeypatch, queue):
     fault = FailingSocketpair(pika.compat.nonblocking_socketpair)
     monkeypatch.setattr(pika.compat, "nonblocking_socketpair", fault)
-    publisher = gateway.Publisher(rabbit_params(), queue)
+    publisher = gateway.Publisher(helpers.rabbit_params(), queue)
     publisher.start()
     try:
-        wait_for(lambda: fault.calls >= 2, timeout=10, what="two failed attempts")
+        helpers.wait_for(
+            lambda: fault.calls >= 2, timeout=10, what="two failed attempts"
+        )
         server = types.SimpleNamespace(upstream=HealthyUpstream(), publisher=publisher)
         status, report = gateway.health(types.SimpleNamespace(server=server))
         assert status == 503 and "Too many open files" in report["rabbitmq"], report
         fault.release()
-        wait_for(publisher.ready.is_set, timeout=15, what="the publisher to recover")
+        helpers.wait_for(
+            publisher.ready.is_set, timeout=15, what="the publisher to recover"
+        )
         publisher.publish(json.dumps(ORDER).encode(), "after-emfile")
-        assert queue_depth(queue) == 1
+        assert helpers.queue_depth(queue) == 1
         assert gateway.health(types.SimpleNamespace(server=server))[0] == 200
     finally:
         stop = getattr(publisher, "stop", None)
         if stop:
             stop()
-        delete_queues(queue)
 
 
 class HealthyUpstream:
@@ -339,7 +337,9 @@ def amqp_port(pid):
 
 def close_amqp_connection(pid):
     """Have RabbitMQ close the process's connection; return the old local port."""
-    port = wait_for(lambda: amqp_port(pid), what="the gateway's AMQP connection")
+    port = helpers.wait_for(
+        lambda: amqp_port(pid), what="the gateway's AMQP connection"
+    )
     out = subprocess.run(
         ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port"],
         check=True,
@@ -361,18 +361,18 @@ def close_amqp_connection(pid):
 def test_reconnects_do_not_leak_descriptors(stack):
     _, gw = stack
     pid = gw.proc.pid
-    assert call(gw.url, "POST", "/api/billing", ORDER)[0] == 200
+    assert helpers.call(gw.url, "POST", "/api/billing", ORDER)[0] == 200
     before = len(os.listdir(f"/proc/{pid}/fd"))
     for _ in range(6):
         old = close_amqp_connection(pid)
-        wait_for(
+        helpers.wait_for(
             lambda old=old: (
                 amqp_port(pid) not in (None, old)
-                and call(gw.url, "GET", "/health")[0] == 200
+                and helpers.call(gw.url, "GET", "/health")[0] == 200
             ),
             what="the gateway to reconnect",
         )
-    assert call(gw.url, "POST", "/api/billing", ORDER)[0] == 200
+    assert helpers.call(gw.url, "POST", "/api/billing", ORDER)[0] == 200
     time.sleep(0.5)
     after = len(os.listdir(f"/proc/{pid}/fd"))
     print(f"\nFIGURE flow.reconnect_fds: reconnects=6 fds={before}->{after}")
@@ -385,11 +385,11 @@ def test_reconnects_do_not_leak_descriptors(stack):
 def test_deleted_queue_is_declared_again(stack):
     _, gw = stack
     queue = gw.env["RABBITMQ_QUEUE"]
-    delete_queues(queue)
-    status, _, body = call(gw.url, "POST", "/api/billing", ORDER)
+    helpers.delete_queues(queue)
+    status, _, body = helpers.call(gw.url, "POST", "/api/billing", ORDER)
     assert (status, body) == (200, {"message": "Message posted"})
-    assert queue_depth(queue) == 1
-    conn, channel = rabbit_channel()
+    assert helpers.queue_depth(queue) == 1
+    conn, channel = helpers.rabbit_channel()
     try:
         # declared as before: durable, dead-lettering to <queue>.dead
         channel.queue_declare(
@@ -403,16 +403,16 @@ def test_deleted_queue_is_declared_again(stack):
 def test_publishes_during_a_redeclare_all_answer(stack):
     _, gw = stack
     queue = gw.env["RABBITMQ_QUEUE"]
-    delete_queues(queue)
+    helpers.delete_queues(queue)
 
     def post(i):
         order = {**ORDER, "user_id": i + 1}
-        return call(gw.url, "POST", "/api/billing", order)[0]
+        return helpers.call(gw.url, "POST", "/api/billing", order)[0]
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         statuses = list(pool.map(post, range(64)))
     assert statuses == [200] * 64
-    assert queue_depth(queue) == 64
+    assert helpers.queue_depth(queue) == 64
 
 
 class RecordingChannel:

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import helpers
 import pytest
 from dotenv import dotenv_values
 
@@ -168,17 +169,6 @@ def request(method, path, body=None, timeout=15):
         return status, raw
 
 
-def wait_for(predicate, timeout, what, interval=0.5):
-    """Poll predicate until it returns a truthy value; fail after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 def orders_of(user_ids):
     """{user_id: number of rows} in billing_db on billing-vm for these users."""
     ids = ",".join(str(int(u)) for u in user_ids)
@@ -277,10 +267,11 @@ def three_hosts(pytestconfig):
         figure(
             f"  disk used by the three host layers: {layers[0] if layers else '?'} MiB"
         )
-        wait_for(
+        helpers.wait_for(
             gateway_healthy,
             60,
-            "the gateway's /health to answer 200",
+            interval=0.5,
+            what="the gateway's /health to answer 200",
         )
         yield
     finally:
@@ -369,7 +360,12 @@ def test_audit_across_three_hosts(three_hosts):
         200,
         {"message": "Message posted"},
     )
-    wait_for(lambda: orders_of([20]) == {20: 1}, 30, "order 20 in billing_db")
+    helpers.wait_for(
+        lambda: orders_of([20]) == {20: 1},
+        30,
+        interval=0.5,
+        what="order 20 in billing_db",
+    )
     step("POST /api/billing/ user 20 -> 200; stored on billing-vm")
 
     on(BILLING_VM, "sudo", "pm2", "stop", "billing_app")
@@ -395,7 +391,12 @@ def test_audit_across_three_hosts(three_hosts):
         step(f"POST user 22 -> 200 while stopped; TABLE orders = {stored}")
     finally:
         on(BILLING_VM, "sudo", "pm2", "start", "billing_app")
-    wait_for(lambda: orders_of([22]) == {22: 1}, 30, "order 22 stored after pm2 start")
+    helpers.wait_for(
+        lambda: orders_of([22]) == {22: 1},
+        30,
+        interval=0.5,
+        what="order 22 stored after pm2 start",
+    )
     step("billing-vm: sudo pm2 start billing_app; order 22 stored")
 
     for name, app in APP_OF.items():
@@ -565,13 +566,14 @@ def test_env_and_logs_readable_by_root_and_the_service_only(three_hosts):
     rotated = on(BILLING_VM, "stat", "-c", "%a %U %G", f"{logs}/billing_app.out.log.1")
     assert rotated.split() == ["640", "root", SERVICE_GROUP], rotated
     on(BILLING_VM, "sudo", "pm2", "restart", "billing_app")
-    wait_for(
+    helpers.wait_for(
         lambda: (
             on(BILLING_VM, "stat", "-c", "%s", f"{logs}/billing_app.out.log").strip()
             != "0"
         ),
         30,
-        "billing_app to write to its log again after the rotation",
+        interval=0.5,
+        what="billing_app to write to its log again after the rotation",
     )
     rule = on(BILLING_VM, "cat", "/etc/logrotate.d/movie-shop")
     figure(f"privileges: logrotate: {' '.join(rule.split())}")
@@ -606,8 +608,11 @@ def test_rabbitmq_users_can_do_only_their_job(three_hosts):
     users = on(BILLING_VM, "rabbitmqctl", "-q", "list_users").split()
     assert "guest" not in users, users
     # A message billing cannot store still reaches the dead-letter queue.
-    wait_for(
-        lambda: dead_letters() >= 1, 30, "billing to dead-letter the message it refused"
+    helpers.wait_for(
+        lambda: dead_letters() >= 1,
+        30,
+        interval=0.5,
+        what="billing to dead-letter the message it refused",
     )
     for client, port in ((GATEWAY_VM, "25672"), (GATEWAY_VM, "4369")):
         assert not connects(client, BILLING_IP, port), f"{client} reaches {port}"
@@ -726,13 +731,14 @@ def test_billing_vm_reboot_keeps_every_accepted_order(three_hosts):
         reboot = hosts("reboot", BILLING_VM, timeout=180)
         assert reboot.returncode == 0, reboot.stdout + reboot.stderr
         booted = time.monotonic() - start
-        wait_for(
+        helpers.wait_for(
             lambda: pm2_apps(BILLING_VM).get("billing_app", ("",))[0] == "online",
             60,
-            "billing_app online after the reboot",
+            interval=0.5,
+            what="billing_app online after the reboot",
         )
         app_back = time.monotonic() - start
-        wait_for(gateway_healthy, 60, "health 200")
+        helpers.wait_for(gateway_healthy, 60, interval=0.5, what="health 200")
         healthy = time.monotonic() - start
         time.sleep(2)
     finally:
@@ -744,7 +750,12 @@ def test_billing_vm_reboot_keeps_every_accepted_order(three_hosts):
     assert 503 in statuses, "RabbitMQ never looked down during the reboot"
     accepted = [user for user, status in results if status == 200]
     expected = {user: 1 for user in queued + accepted}
-    wait_for(lambda: orders_of(expected) == expected, 60, "every accepted order stored")
+    helpers.wait_for(
+        lambda: orders_of(expected) == expected,
+        60,
+        interval=0.5,
+        what="every accepted order stored",
+    )
     assert pm2_apps(GATEWAY_VM)["api_gateway"] == gateway_before
     figure(
         f"reboot billing-vm: booted {booted:.1f} s, billing_app online {app_back:.1f} s,"
@@ -783,9 +794,14 @@ def test_inventory_vm_reboot(three_hosts):
         reboot = hosts("reboot", INVENTORY_VM, timeout=180)
         assert reboot.returncode == 0, reboot.stdout + reboot.stderr
         booted = time.monotonic() - start
-        wait_for(lambda: request("GET", path) == (200, movie), 60, "the movie again")
+        helpers.wait_for(
+            lambda: request("GET", path) == (200, movie),
+            60,
+            interval=0.5,
+            what="the movie again",
+        )
         back = time.monotonic() - start
-        wait_for(gateway_healthy, 60, "health 200")
+        helpers.wait_for(gateway_healthy, 60, interval=0.5, what="health 200")
     finally:
         stopping.set()
         poller.join(30)
@@ -830,7 +846,7 @@ def test_provisioning_again_changes_nothing(three_hosts):
         )
     for name, app in APP_OF.items():
         assert pm2_apps(name)[app][0] == "online"
-    wait_for(gateway_healthy, 60, "health 200")
+    helpers.wait_for(gateway_healthy, 60, interval=0.5, what="health 200")
     figure(
         f"provision again: {took:.0f} s; movies {movies[0]} and orders {orders[0]}"
         " (count, max id) unchanged; configuration files unchanged; apps online"

@@ -27,11 +27,8 @@ import re
 import socket
 import time
 
+import helpers
 import pytest
-from conftest import Service
-from conftest import call
-from conftest import free_port
-from conftest import gateway_env
 from rawhttp import Client
 from rawhttp import FakeUpstream
 
@@ -39,6 +36,8 @@ SEED = int(os.environ.get("FUZZ_SEED", "1313"))
 SECONDS = float(os.environ.get("FUZZ_SECONDS", "10"))
 DEADLINE = 10 + 5  # the services' request deadline, plus a margin
 WORKERS = 4
+# What shows that a server still works after a batch of cases.
+PROBES = {"gateway": "/health", "inventory": "/api/movies?limit=1"}
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 method syntax
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "FOO"]
@@ -285,23 +284,14 @@ def report(target, cases, problems):
     assert not problems, "\n".join(map(repr, problems[:20]))
 
 
-def test_fuzz_inventory(inventory, clean_movies):
+def test_fuzz(server, inventory, clean_movies):
     def probe():
-        return call(inventory.url, "GET", "/api/movies?limit=1")[0]
+        return helpers.call(server.url, "GET", PROBES[server.name])[0]
 
-    cases, problems = fuzz(inventory.port, "inventory", probe)
+    cases, problems = fuzz(server.port, server.name, probe)
+    assert server.proc.poll() is None, server.tail()
     assert inventory.proc.poll() is None, inventory.tail()
-    report("inventory", cases, problems)
-
-
-def test_fuzz_gateway(gateway, inventory, clean_movies):
-    def probe():
-        return call(gateway.url, "GET", "/health")[0]
-
-    cases, problems = fuzz(gateway.port, "gateway", probe)
-    assert gateway.proc.poll() is None, gateway.tail()
-    assert inventory.proc.poll() is None, inventory.tail()
-    report("gateway", cases, problems)
+    report(server.name, cases, problems)
 
 
 def upstream_body(fid):
@@ -343,10 +333,10 @@ def fake_answer(request):
 def recorded_gateway(queue_name):
     """A gateway in front of a recording fake inventory: (gateway, upstream)."""
     upstream = FakeUpstream(fake_answer)
-    port = free_port()
-    env = gateway_env(port, upstream.port, queue_name)
+    port = helpers.free_port()
+    env = helpers.gateway_env(port, upstream.port, queue_name)
     env["INVENTORY_TIMEOUT"] = "3"
-    service = Service("gateway", env, port).start()
+    service = helpers.Service("gateway", env, port).start()
     yield service, upstream
     service.stop()
     upstream.close()
@@ -369,7 +359,7 @@ def test_fuzz_gateway_forwards_exactly_what_it_accepts(recorded_gateway):
         return []
 
     def probe():
-        return call(
+        return helpers.call(
             gateway.url, "GET", "/api/movies/probe", headers={"X-Fuzz-Id": "p"}
         )[0]
 

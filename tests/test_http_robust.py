@@ -2,9 +2,11 @@
 
 Regression tests for issue 13 (findings 1, 4, 5, 6, 7, 12 and 13): huge numbers
 in an order, Expect: 100-continue, absurd or ambiguous framing, HTTP/1.0
-clients, header volume and requests in flight at SIGTERM.
+clients, header volume and requests in flight at SIGTERM. What both servers
+must do alike is written once and run against each (the `server` fixture).
 """
 
+import http.client
 import json
 import signal
 import socket
@@ -12,14 +14,8 @@ import threading
 import time
 import uuid
 
+import helpers
 import pytest
-from conftest import Service
-from conftest import admin_connect
-from conftest import free_port
-from conftest import gateway_env
-from conftest import inventory_env
-from conftest import queue_depth
-from conftest import rows
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
@@ -32,14 +28,7 @@ from rawhttp import wait_closed
 
 import gateway as gateway_module
 
-SERVICES = ["gateway", "inventory"]
 MAX_HEAD = 64 * 1024  # the services' cap on a request's line and headers
-
-
-@pytest.fixture
-def services(gateway, inventory):
-    """Both services by name."""
-    return {"gateway": gateway, "inventory": inventory}
 
 
 def assert_json_error(response, status, what=""):
@@ -82,7 +71,7 @@ def test_order_with_unholdable_number_is_400(gateway, queue_name, field, number)
     order = {"user_id": "1", "number_of_items": "1", "total_amount": "1"}
     order[field] = "@"
     body = json.dumps(order).replace('"@"', number).encode()
-    before, depth = log_size(gateway), queue_depth(queue_name)
+    before, depth = log_size(gateway), helpers.queue_depth(queue_name)
     response = exchange(
         gateway.port,
         b"POST /api/billing HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -90,7 +79,7 @@ def test_order_with_unholdable_number_is_400(gateway, queue_name, field, number)
     )
     assert_json_error(response, 400, number[:30])
     assert "Traceback" not in log_since(gateway, before)
-    assert queue_depth(queue_name) == depth
+    assert helpers.queue_depth(queue_name) == depth
 
 
 def number_texts():
@@ -188,14 +177,15 @@ def create_request(title, extra=b""):
 
 
 def movies_titled(db, title):
-    return rows(db, "SELECT count(*) FROM movies WHERE title = %s", (title,))[0][0]
+    return helpers.rows(db, "SELECT count(*) FROM movies WHERE title = %s", (title,))[
+        0
+    ][0]
 
 
-@pytest.mark.parametrize("name", SERVICES)
-def test_expect_100_client_that_waits_for_it(services, clean_movies, name):
+def test_expect_100_client_that_waits_for_it(server, clean_movies):
     title = f"expect-wait-{uuid.uuid4().hex[:8]}"
     head, body = create_request(title, b"Expect: 100-continue\r\n")
-    client = Client(services[name].port)
+    client = Client(server.port)
     try:
         start = time.monotonic()
         client.send(head)
@@ -210,12 +200,11 @@ def test_expect_100_client_that_waits_for_it(services, clean_movies, name):
     assert movies_titled(clean_movies, title) == 1
 
 
-@pytest.mark.parametrize("name", SERVICES)
-def test_expect_100_client_that_sends_the_body_anyway(services, clean_movies, name):
+def test_expect_100_client_that_sends_the_body_anyway(server, clean_movies):
     # curl waits up to a second for the 100, then sends the body regardless.
     title = f"expect-curl-{uuid.uuid4().hex[:8]}"
     head, body = create_request(title, b"Expect: 100-continue\r\n")
-    client = Client(services[name].port)
+    client = Client(server.port)
     try:
         start = time.monotonic()
         client.send(head)
@@ -231,15 +220,14 @@ def test_expect_100_client_that_sends_the_body_anyway(services, clean_movies, na
     assert movies_titled(clean_movies, title) == 1
 
 
-@pytest.mark.parametrize("name", SERVICES)
-def test_expect_100_refused_request_gets_no_100(services, name):
+def test_expect_100_refused_request_gets_no_100(server):
     # A request refused before its body is read gets its final status at once,
     # not a 100 that would make the client send a body nobody reads.
     head = (
         b"POST /api/movies HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: 2000000\r\nExpect: 100-continue\r\n\r\n"
     )
-    client = Client(services[name].port)
+    client = Client(server.port)
     try:
         client.send(head)
         response = client.response(interim=True)
@@ -256,10 +244,10 @@ def fake_gateway(queue_name):
 
     def make(answer):
         upstream = FakeUpstream(answer)
-        port = free_port()
-        env = gateway_env(port, upstream.port, queue_name)
+        port = helpers.free_port()
+        env = helpers.gateway_env(port, upstream.port, queue_name)
         env["INVENTORY_TIMEOUT"] = "3"
-        service = Service("gateway", env, port).start()
+        service = helpers.Service("gateway", env, port).start()
         made.append((service, upstream))
         return service, upstream
 
@@ -354,13 +342,11 @@ BAD_FRAMING = {
 }
 
 
-@pytest.mark.parametrize("name", SERVICES)
 @pytest.mark.parametrize("what", list(BAD_FRAMING))
-def test_ambiguous_framing_is_400_and_never_run(services, clean_movies, name, what):
+def test_ambiguous_framing_is_400_and_never_run(server, clean_movies, what):
     # Each would let a body or a second request pass as something else: the
     # request is refused whole, the connection closed, nothing stored.
-    service = services[name]
-    before = log_size(service)
+    before = log_size(server)
     body = b'{"title": "x"}'
     request = (
         b"POST /api/movies HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -368,47 +354,42 @@ def test_ambiguous_framing_is_400_and_never_run(services, clean_movies, name, wh
         + b"\r\n"
         + body
     )
-    client = Client(service.port)
+    client = Client(server.port)
     try:
         client.send(request)
         assert_json_error(client.response(), 400, what)
         assert client.closed(), what
     finally:
         client.close()
-    assert rows(clean_movies, "SELECT count(*) FROM movies") == [(0,)]
-    assert "Traceback" not in log_since(service, before)
+    assert helpers.rows(clean_movies, "SELECT count(*) FROM movies") == [(0,)]
+    assert "Traceback" not in log_since(server, before)
 
 
-@pytest.mark.parametrize("name", SERVICES)
 @pytest.mark.parametrize("what", ["line without a colon", "obs-fold continuation"])
-def test_malformed_header_on_a_get_is_400(services, name, what):
+def test_malformed_header_on_a_get_is_400(server, what):
     request = b"GET /api/movies HTTP/1.1\r\nHost: x\r\n" + BAD_FRAMING[what] + b"\r\n"
-    assert_json_error(exchange(services[name].port, request), 400, what)
+    assert_json_error(exchange(server.port, request), 400, what)
 
 
-@pytest.mark.parametrize("name", SERVICES)
-def test_smuggled_request_behind_a_second_length_is_not_run(
-    services, clean_movies, name
-):
+def test_smuggled_request_behind_a_second_length_is_not_run(server, clean_movies):
     smuggled = b"DELETE /api/movies HTTP/1.1\r\nHost: x\r\n\r\n"
     body = b"{}" + smuggled
     request = (
         b"POST /api/movies HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Content-Length: 2\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     )
-    with admin_connect(clean_movies) as conn:
+    with helpers.admin_connect(clean_movies) as conn:
         conn.execute("INSERT INTO movies (title, description) VALUES ('keep', '')")
-    client = Client(services[name].port)
+    client = Client(server.port)
     try:
         client.send(request)
         assert_json_error(client.response(), 400)
         assert client.closed()
     finally:
         client.close()
-    assert rows(clean_movies, "SELECT title FROM movies") == [("keep",)]
+    assert helpers.rows(clean_movies, "SELECT title FROM movies") == [("keep",)]
 
 
-@pytest.mark.parametrize("name", SERVICES)
 @pytest.mark.parametrize(
     "lengths",
     [
@@ -418,25 +399,22 @@ def test_smuggled_request_behind_a_second_length_is_not_run(
         b"Content-Length: \t14 \t\r\n",
     ],
 )
-def test_identical_lengths_and_whitespace_are_one_length(
-    services, clean_movies, name, lengths
-):
+def test_identical_lengths_and_whitespace_are_one_length(server, clean_movies, lengths):
     # RFC 9112 6.3: identical repeated values are that single value.
     request = (
         b"POST /api/movies HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         + lengths
         + b'\r\n{"title": "x"}'
     )
-    response = exchange(services[name].port, request)
+    response = exchange(server.port, request)
     assert response.status == 201, response
 
 
-@pytest.mark.parametrize("name", SERVICES)
-def test_headers_cut_off_by_the_client_are_not_run(services, clean_movies, name):
+def test_headers_cut_off_by_the_client_are_not_run(server, clean_movies):
     # The head never ended (no blank line): the request was never complete.
-    with admin_connect(clean_movies) as conn:
+    with helpers.admin_connect(clean_movies) as conn:
         conn.execute("INSERT INTO movies (title, description) VALUES ('keep', '')")
-    client = Client(services[name].port)
+    client = Client(server.port)
     try:
         client.send(b"DELETE /api/movies HTTP/1.1\r\nHost: x\r\nX-Half: ab")
         client.sock.shutdown(socket.SHUT_WR)
@@ -444,7 +422,7 @@ def test_headers_cut_off_by_the_client_are_not_run(services, clean_movies, name)
         assert response is None or 400 <= response.status < 500, response
     finally:
         client.close()
-    assert rows(clean_movies, "SELECT title FROM movies") == [("keep",)]
+    assert helpers.rows(clean_movies, "SELECT title FROM movies") == [("keep",)]
 
 
 # --- 7. HTTP/1.0 clients and long lists ---
@@ -453,7 +431,7 @@ def test_headers_cut_off_by_the_client_are_not_run(services, clean_movies, name)
 @pytest.fixture
 def many_movies(clean_movies):
     """4,500 movies: more than one streamed page."""
-    with admin_connect(clean_movies) as conn:
+    with helpers.admin_connect(clean_movies) as conn:
         conn.execute(
             "INSERT INTO movies (title, description)"
             " SELECT 'Bulk ' || i, 'd' FROM generate_series(1, 4500) AS i"
@@ -461,10 +439,9 @@ def many_movies(clean_movies):
     return 4500
 
 
-@pytest.mark.parametrize("name", SERVICES)
 @pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
-def test_http10_client_gets_a_list_it_can_read(services, many_movies, name, connection):
-    client = Client(services[name].port)
+def test_http10_client_gets_a_list_it_can_read(server, many_movies, connection):
+    client = Client(server.port)
     try:
         client.send(b"GET /api/movies HTTP/1.0\r\nHost: x\r\n" + connection + b"\r\n")
         response = client.response()
@@ -476,9 +453,8 @@ def test_http10_client_gets_a_list_it_can_read(services, many_movies, name, conn
         client.close()
 
 
-@pytest.mark.parametrize("name", SERVICES)
-def test_http11_client_still_gets_the_list_streamed(services, many_movies, name):
-    client = Client(services[name].port)
+def test_http11_client_still_gets_the_list_streamed(server, many_movies):
+    client = Client(server.port)
     try:
         for _ in range(2):  # and the connection stays open
             client.send(b"GET /api/movies HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -502,26 +478,23 @@ def request_with_headers(total):
     return line + headers + b"\r\n"
 
 
-@pytest.mark.parametrize("name", SERVICES)
-def test_header_volume_over_64kib_is_431(services, name):
+def test_header_volume_over_64kib_is_431(server):
     for total in (MAX_HEAD + 100, 5 * MAX_HEAD):
         request = request_with_headers(total)
         assert len(request) > MAX_HEAD
-        assert_json_error(exchange(services[name].port, request), 431, total)
+        assert_json_error(exchange(server.port, request), 431, total)
 
 
-@pytest.mark.parametrize("name", SERVICES)
-def test_header_volume_under_the_cap_is_served(services, name):
+def test_header_volume_under_the_cap_is_served(server):
     request = request_with_headers(MAX_HEAD // 2)
-    assert exchange(services[name].port, request).status == 200
+    assert exchange(server.port, request).status == 200
 
 
-def test_one_huge_header_is_431(services):
+def test_one_huge_header_is_431(server):
     request = (
         b"GET /api/movies HTTP/1.1\r\nX-Big: " + b"a" * (MAX_HEAD + 10) + b"\r\n\r\n"
     )
-    for service in services.values():
-        assert_json_error(exchange(service.port, request), 431)
+    assert_json_error(exchange(server.port, request), 431)
 
 
 # --- 12. SIGTERM and SIGINT finish the requests in flight ---
@@ -561,11 +534,11 @@ def test_gateway_finishes_requests_in_flight_on_sigterm(fake_gateway):
 
 
 def test_inventory_finishes_requests_in_flight_on_sigint(movies_db, clean_movies):
-    port = free_port()
-    inventory = Service("inventory", inventory_env(port), port).start()
-    lock = admin_connect(movies_db)
+    port = helpers.free_port()
+    inventory = helpers.Service("inventory", helpers.inventory_env(port), port).start()
+    lock = helpers.admin_connect(movies_db)
     try:
-        movie_id = rows(
+        movie_id = helpers.rows(
             movies_db,
             "INSERT INTO movies (title, description) VALUES ('slow', 'd') RETURNING id",
         )[0][0]
@@ -606,3 +579,97 @@ def test_shutdown_waits_no_longer_than_the_grace(fake_gateway):
     code = gateway.proc.wait(10)
     client.close()
     assert code == 0 and time.monotonic() - start < 4.5  # PM2 kills at 5 s
+
+
+# --- Both servers: URLs, framing, versions, keep-alive and idle clients ---
+
+
+def recv_until_closed(sock):
+    """Everything the server sends until it closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def raw_exchange(port, request):
+    """Send raw bytes; return everything answered until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_until_closed(sock)
+
+
+def test_raw_utf8_in_url_is_understood(server, clean_movies):
+    movie = helpers.call(server.url, "POST", "/api/movies", {"title": "Amélie"})[2]
+    answer = raw_exchange(
+        server.port,
+        "GET /api/movies?title=Amélie HTTP/1.1\r\nHost: x\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == [movie]
+    answer = raw_exchange(
+        server.port, "GET /api/movies/é HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+@pytest.mark.parametrize("char", [b"\x01", b"\x7f"])
+def test_control_characters_in_url_are_400(server, char):
+    answer = raw_exchange(
+        server.port, b"GET /api/movies" + char + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"error"' in answer
+
+
+def test_transfer_encoding_is_411_and_closes(server):
+    request = (
+        b"DELETE /api/movies/999 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+        b"\r\n\r\n2a\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n\r\n0\r\n\r\n"
+    )
+    answer = raw_exchange(server.port, request)
+    assert answer.startswith(b"HTTP/1.1 411 ")
+    assert answer.count(b"HTTP/1.1") == 1  # the body was not run as a request
+
+
+def test_unsupported_http_version_has_a_status_line(server):
+    answer = raw_exchange(server.port, b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 505 ") and b'"error"' in answer
+
+
+def test_oversized_body_is_413_without_reading_it(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /api/movies HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 2000000\r\n\r\n{"
+        )
+        answer = recv_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b'"error"' in answer
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(server, clean_movies):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    for _ in range(20):
+        conn.request("GET", "/api/movies")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b"[]"
+    conn.close()
+
+
+def test_idle_client_is_timed_out(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(b"GET /api/mov")  # and then nothing
+        start = time.monotonic()
+        answer = recv_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b'"error"' in answer
+        assert time.monotonic() - start < 15
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(b"GET /api/movies HTTP/1.1\r\nHost: x\r\n")  # headers unfinished
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        start = time.monotonic()
+        assert sock.recv(4096) == b""  # idle: closed without a word
+        assert 5 < time.monotonic() - start < 15

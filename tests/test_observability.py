@@ -14,22 +14,9 @@ import re
 import socket
 import subprocess
 import time
-import uuid
 
+import helpers
 import pytest
-from conftest import PYTHON
-from conftest import ROOT
-from conftest import Service
-from conftest import admin_connect
-from conftest import billing_env
-from conftest import call
-from conftest import delete_queues
-from conftest import free_port
-from conftest import gateway_env
-from conftest import inventory_env
-from conftest import publish_raw
-from conftest import rabbit_params
-from conftest import wait_for
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
@@ -45,7 +32,7 @@ SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 LOG_LINE = re.compile(r"\S+ \S+ (\w+) (\w+) ")  # date time name LEVEL ...
 
 
-class SplitService(Service):
+class SplitService(helpers.Service):
     """A service whose stdout and stderr go to two files."""
 
     def start(self, wait=True):
@@ -53,8 +40,8 @@ class SplitService(Service):
         self.err_path = self.log_path.with_suffix(".err")
         with open(self.log_path, "a") as out, open(self.err_path, "a") as err:
             self.proc = subprocess.Popen(
-                [PYTHON, str(ROOT / f"{self.name}.py")],
-                cwd=ROOT,
+                [helpers.PYTHON, str(helpers.ROOT / f"{self.name}.py")],
+                cwd=helpers.ROOT,
                 env=self.env,
                 stdout=out,
                 stderr=err,
@@ -102,30 +89,26 @@ def procs():
         service.stop()
 
 
-@pytest.fixture
-def queue():
-    """A queue of the test's own, deleted at the end."""
-    name = f"test_obs_{uuid.uuid4().hex[:8]}"
-    yield name
-    delete_queues(name)
-
-
 # --- 6. Logs: INFO to stdout, warnings to stderr ---
 
 
 def test_info_goes_to_stdout_and_warnings_to_stderr(procs, queue, movies_db):
-    closed = free_port()  # nothing listens there
-    inventory_port, gateway_port = free_port(), free_port()
+    closed = helpers.free_port()  # nothing listens there
+    inventory_port, gateway_port = helpers.free_port(), helpers.free_port()
     inventory = procs(
         "inventory",
-        {**inventory_env(inventory_port), "INVENTORY_DB_PORT": str(closed)},
+        {**helpers.inventory_env(inventory_port), "INVENTORY_DB_PORT": str(closed)},
         inventory_port,
     )
-    gateway = procs("gateway", gateway_env(gateway_port, closed, queue), gateway_port)
-    billing = procs("billing", {**billing_env(queue), "RABBITMQ_PORT": str(closed)})
-    assert call(gateway.url, "GET", "/api/movies/1")[0] == 502  # a warning
-    assert call(inventory.url, "GET", "/api/movies/1")[0] == 503  # a warning
-    wait_for(lambda: "WARNING" in billing.err(), what="billing's warning")
+    gateway = procs(
+        "gateway", helpers.gateway_env(gateway_port, closed, queue), gateway_port
+    )
+    billing = procs(
+        "billing", {**helpers.billing_env(queue), "RABBITMQ_PORT": str(closed)}
+    )
+    assert helpers.call(gateway.url, "GET", "/api/movies/1")[0] == 502  # a warning
+    assert helpers.call(inventory.url, "GET", "/api/movies/1")[0] == 503  # a warning
+    helpers.wait_for(lambda: "WARNING" in billing.err(), what="billing's warning")
     for service in (inventory, gateway, billing):
         service.stop()
         out, err = service.out(), service.err()
@@ -145,7 +128,7 @@ def request_id(headers):
     return values[0]
 
 
-def test_every_answer_has_a_request_id(gateway):
+def test_every_answer_has_a_request_id(server):
     seen = set()
     for method, path, body in (
         ("GET", "/api/movies?limit=1", None),
@@ -156,11 +139,11 @@ def test_every_answer_has_a_request_id(gateway):
         ("GET", "/health", None),
         ("GET", "/openapi.yaml", None),
     ):
-        _, headers, _ = call(gateway.url, method, path, body)
+        _, headers, _ = helpers.call(server.url, method, path, body)
         rid = request_id(headers)
         assert SANE_ID.fullmatch(rid) and rid not in seen, (method, path, rid)
         seen.add(rid)
-    port = int(gateway.url.rsplit(":", 1)[1])
+    port = server.port
     for raw in (
         b"GET /api/movies HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n",  # 400
         b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n",  # 505
@@ -183,15 +166,17 @@ def test_every_answer_has_a_request_id(gateway):
         st.text(alphabet="abc-", min_size=120, max_size=140),
     )
 )
-def test_a_sane_client_id_is_kept_any_other_replaced(gateway, sent):
-    _, headers, _ = call(gateway.url, "GET", "/nope", headers={"X-Request-Id": sent})
+def test_a_sane_client_id_is_kept_any_other_replaced(server, sent):
+    _, headers, _ = helpers.call(
+        server.url, "GET", "/nope", headers={"X-Request-Id": sent}
+    )
     rid = request_id(headers)
     assert SANE_ID.fullmatch(rid)
     assert (rid == sent) == bool(SANE_ID.fullmatch(sent)), (sent, rid)
 
 
-def test_two_request_ids_are_replaced(gateway):
-    port = int(gateway.url.rsplit(":", 1)[1])
+def test_two_request_ids_are_replaced(server):
+    port = server.port
     answer = exchange(
         port,
         b"GET /nope HTTP/1.1\r\nHost: x\r\nX-Request-Id: a\r\nX-Request-Id: b\r\n\r\n",
@@ -201,14 +186,16 @@ def test_two_request_ids_are_replaced(gateway):
 
 def test_the_request_id_is_forwarded_to_inventory(queue):
     fake = FakeUpstream(lambda request: json_answer(b'{"id": 1}'))
-    port = free_port()
-    gateway = Service("gateway", gateway_env(port, fake.port, queue), port).start()
+    port = helpers.free_port()
+    gateway = helpers.Service(
+        "gateway", helpers.gateway_env(port, fake.port, queue), port
+    ).start()
     try:
-        _, headers, _ = call(
+        _, headers, _ = helpers.call(
             gateway.url, "GET", "/api/movies/1", headers={"X-Request-Id": "abc.1-_Z"}
         )
         assert request_id(headers) == "abc.1-_Z"
-        _, headers, _ = call(
+        _, headers, _ = helpers.call(
             gateway.url, "GET", "/api/movies/2", headers={"X-Request-Id": "bad id"}
         )
         made = request_id(headers)
@@ -219,32 +206,34 @@ def test_the_request_id_is_forwarded_to_inventory(queue):
         fake.close()
 
 
-def test_one_order_followed_through_the_three_logs(procs, queue, movies_db, billing_db):
-    with admin_connect(billing_db) as conn:
-        conn.execute("TRUNCATE orders RESTART IDENTITY")
-    inventory_port, gateway_port = free_port(), free_port()
+def test_one_order_followed_through_the_three_logs(procs, queue, movies_db, orders_db):
+    inventory_port, gateway_port = helpers.free_port(), helpers.free_port()
     debug = {"LOG_LEVEL": "DEBUG"}  # with the access lines
     inventory = procs(
-        "inventory", {**inventory_env(inventory_port), **debug}, inventory_port
+        "inventory", {**helpers.inventory_env(inventory_port), **debug}, inventory_port
     )
     gateway = procs(
         "gateway",
-        {**gateway_env(gateway_port, inventory_port, queue), **debug},
+        {**helpers.gateway_env(gateway_port, inventory_port, queue), **debug},
         gateway_port,
     )
-    billing = procs("billing", billing_env(queue))
-    _, headers, _ = call(gateway.url, "GET", "/api/movies/987654321")
+    billing = procs("billing", helpers.billing_env(queue))
+    _, headers, _ = helpers.call(gateway.url, "GET", "/api/movies/987654321")
     movie_rid = request_id(headers)
-    status, headers, body = call(
+    status, headers, body = helpers.call(
         gateway.url, "POST", "/api/billing", ORDER, {"X-Request-Id": "order-1"}
     )
     assert status == 200 and body == {"message": "Message posted"}
     assert request_id(headers) == "order-1"
     message_id = headers["X-Message-Id"]
     assert re.fullmatch(r"[0-9a-f]{32}", message_id), headers
-    wait_for(lambda: message_id in billing.out(), what="billing to log the order")
-    publish_raw(queue, [b"not json"], ["bad-one"], declare=False)
-    wait_for(lambda: "bad-one" in billing.err(), what="billing's dead-letter line")
+    helpers.wait_for(
+        lambda: message_id in billing.out(), what="billing to log the order"
+    )
+    helpers.publish_raw(queue, [b"not json"], ["bad-one"], declare=False)
+    helpers.wait_for(
+        lambda: "bad-one" in billing.err(), what="billing's dead-letter line"
+    )
     (stored,) = [line for line in billing.out().splitlines() if message_id in line]
     assert "stored order 1:" in stored, stored
     (dead,) = [line for line in billing.err().splitlines() if "bad-one" in line]
@@ -263,16 +252,22 @@ def test_one_order_followed_through_the_three_logs(procs, queue, movies_db, bill
 
 
 def test_access_line_at_debug_only(gateway, inventory, queue, procs):
-    call(gateway.url, "GET", "/api/movies/123456", headers={"X-Request-Id": "acc-0"})
-    call(gateway.url, "POST", "/api/billing", ORDER, {"X-Request-Id": "acc-0"})
+    helpers.call(
+        gateway.url, "GET", "/api/movies/123456", headers={"X-Request-Id": "acc-0"}
+    )
+    helpers.call(gateway.url, "POST", "/api/billing", ORDER, {"X-Request-Id": "acc-0"})
     # The order's line is written at INFO; the access line (18% of W1) is not.
-    wait_for(lambda: "request acc-0" in gateway.tail(300), what="the order's line")
+    helpers.wait_for(
+        lambda: "request acc-0" in gateway.tail(300), what="the order's line"
+    )
     assert not [x for x in gateway.tail(300).splitlines() if x.endswith("ms acc-0")]
-    port = free_port()
-    env = {**gateway_env(port, inventory.port, queue), "LOG_LEVEL": "debug"}
+    port = helpers.free_port()
+    env = {**helpers.gateway_env(port, inventory.port, queue), "LOG_LEVEL": "debug"}
     debug = procs("gateway", env, port)
-    call(debug.url, "GET", "/api/movies/123456", headers={"X-Request-Id": "acc-1"})
-    line = wait_for(
+    helpers.call(
+        debug.url, "GET", "/api/movies/123456", headers={"X-Request-Id": "acc-1"}
+    )
+    line = helpers.wait_for(
         lambda: [x for x in debug.out().splitlines() if "acc-1" in x],
         what="the access line",
     )[0]
@@ -287,20 +282,22 @@ def health_where(gateway, predicate, what):
     """Poll the gateway's /health until predicate(body); return (status, body)."""
 
     def check():
-        status, _, body = call(gateway.url, "GET", "/health")
+        status, _, body = helpers.call(gateway.url, "GET", "/health")
         return predicate(body) and (status, body)
 
-    return wait_for(check, what=what)
+    return helpers.wait_for(check, what=what)
 
 
 def test_health_says_whether_billing_consumes(procs, queue, movies_db, billing_db):
-    inventory_port, gateway_port = free_port(), free_port()
-    procs("inventory", inventory_env(inventory_port), inventory_port)
+    inventory_port, gateway_port = helpers.free_port(), helpers.free_port()
+    procs("inventory", helpers.inventory_env(inventory_port), inventory_port)
     gateway = procs(
-        "gateway", gateway_env(gateway_port, inventory_port, queue), gateway_port
+        "gateway",
+        helpers.gateway_env(gateway_port, inventory_port, queue),
+        gateway_port,
     )
     health_where(gateway, lambda b: b["rabbitmq"] == "ok", "the gateway to connect")
-    assert call(gateway.url, "POST", "/api/billing", ORDER)[0] == 200
+    assert helpers.call(gateway.url, "POST", "/api/billing", ORDER)[0] == 200
     status, body = health_where(
         gateway, lambda b: b.get("queue", {}).get("ready") == 1, "the order queued"
     )
@@ -311,7 +308,7 @@ def test_health_says_whether_billing_consumes(procs, queue, movies_db, billing_d
         "billing": "not consuming: no consumer on the queue",
         "queue": {"name": queue, "consumers": 0, "ready": 1},
     }
-    billing = procs("billing", billing_env(queue))
+    billing = procs("billing", helpers.billing_env(queue))
     status, body = health_where(
         gateway, lambda b: b["status"] == "ok", "/health to see billing"
     )
@@ -327,7 +324,7 @@ def test_health_says_whether_billing_consumes(procs, queue, movies_db, billing_d
 
 
 def test_health_reads_the_queue_at_most_about_once_a_second(queue):
-    publisher = gateway_module.Publisher(rabbit_params(), queue)
+    publisher = gateway_module.Publisher(helpers.rabbit_params(), queue)
     probes = []
     real = publisher._probe
 
@@ -338,7 +335,7 @@ def test_health_reads_the_queue_at_most_about_once_a_second(queue):
     publisher._probe = counted
     publisher.start()
     try:
-        wait_for(publisher.ready.is_set, what="the publisher to connect")
+        helpers.wait_for(publisher.ready.is_set, what="the publisher to connect")
         start = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda _: publisher.queue_state(), range(200)))
@@ -352,19 +349,19 @@ def test_health_reads_the_queue_at_most_about_once_a_second(queue):
 
 
 def test_a_deleted_queue_does_not_stop_orders(procs, queue, inventory):
-    port = free_port()
-    gateway = procs("gateway", gateway_env(port, inventory.port, queue), port)
-    wait_for(
-        lambda: call(gateway.url, "GET", "/health")[2].get("rabbitmq") == "ok",
+    port = helpers.free_port()
+    gateway = procs("gateway", helpers.gateway_env(port, inventory.port, queue), port)
+    helpers.wait_for(
+        lambda: helpers.call(gateway.url, "GET", "/health")[2].get("rabbitmq") == "ok",
         what="the gateway to connect",
     )
-    delete_queues(queue)
+    helpers.delete_queues(queue)
     status, body = health_where(
         gateway, lambda b: "queue" not in b, "/health to miss the queue"
     )
     assert status == 200 and body["status"] == "degraded", body
     assert "no queue" in body["billing"], body
-    assert call(gateway.url, "POST", "/api/billing", ORDER)[0] == 200
+    assert helpers.call(gateway.url, "POST", "/api/billing", ORDER)[0] == 200
     status, body = health_where(
         gateway, lambda b: "queue" in b, "/health to see the queue again"
     )
@@ -372,26 +369,26 @@ def test_a_deleted_queue_does_not_stop_orders(procs, queue, inventory):
 
 
 def test_inventory_health(inventory, procs):
-    status, _, body = call(inventory.url, "GET", "/health")
+    status, _, body = helpers.call(inventory.url, "GET", "/health")
     assert status == 200 and body == {"status": "ok", "database": "ok"}
-    port = free_port()
+    port = helpers.free_port()
     down = procs(
         "inventory",
-        {**inventory_env(port), "INVENTORY_DB_PORT": str(free_port())},
+        {**helpers.inventory_env(port), "INVENTORY_DB_PORT": str(helpers.free_port())},
         port,
     )
-    status, _, body = call(down.url, "GET", "/health")
+    status, _, body = helpers.call(down.url, "GET", "/health")
     assert status == 503, body
     assert body == {"status": "down", "database": "database unavailable"}
 
 
 def test_message_id_is_logged_with_its_request(gateway):
-    status, headers, _ = call(
+    status, headers, _ = helpers.call(
         gateway.url, "POST", "/api/billing", ORDER, {"X-Request-Id": "ord-77"}
     )
     assert status == 200
     message_id = headers["X-Message-Id"]
-    wait_for(
+    helpers.wait_for(
         lambda: any(
             "ord-77" in x and message_id in x for x in gateway.tail(300).splitlines()
         ),

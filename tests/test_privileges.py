@@ -15,9 +15,9 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import helpers
 import pika
 import pytest
-from conftest import admin_connect
 from dotenv import dotenv_values
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +139,7 @@ def test_rabbitmq_users_can_do_only_their_job(apps):
 
 
 def test_database_roles_own_only_their_database(apps):
-    with admin_connect() as conn:
+    with helpers.admin_connect() as conn:
         for role, db in (
             (ENV["INVENTORY_DB_USER"], ENV["INVENTORY_DB_NAME"]),
             (ENV["BILLING_DB_USER"], ENV["BILLING_DB_NAME"]),

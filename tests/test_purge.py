@@ -15,9 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import helpers
 import pytest
-from conftest import admin_connect
-from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = "*/main/conf.d/50-movie-shop.conf"
@@ -49,7 +48,7 @@ def run(script, env, *args):
 
 def machine_state(env):
     """What up.sh may leave behind, as far as it concerns the copy's names."""
-    with admin_connect() as conn:
+    with helpers.admin_connect() as conn:
         roles = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles")}
         dbs = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
         hba_file = conn.execute("SHOW hba_file").fetchone()[0]
@@ -93,7 +92,9 @@ def copy(tmp_path):
     own = ("REPO_DIR", "VENV_ROOT", "LOG_DIR", "PM2_ENV", "PM2_HOME")
     env = {k: v for k, v in os.environ.items() if k not in own}
     env.update(NAMES, PM2_HOME=str(tmp_path / "pm2"))
-    env.update(GATEWAY_PORT=str(free_port()), INVENTORY_PORT=str(free_port()))
+    env.update(
+        GATEWAY_PORT=str(helpers.free_port()), INVENTORY_PORT=str(helpers.free_port())
+    )
     # The purge removes this machine-wide file of the project; the stack of
     # ./scripts/up.sh gets it back.
     conf = {p: p.read_bytes() for p in Path("/etc/postgresql").glob(CONF)}

@@ -863,7 +863,7 @@ _NON_ASCII = re.compile(r"[\x80-\xff]")  # raw bytes of the target, read as lati
 _VERSION = re.compile(r"HTTP/([0-9])\.[0-9]")
 # name ":" value: a token for the name, no space before the colon, no control
 # character but HTAB in the value (so no bare CR, no NUL; no obs-fold either)
-_HEADER_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
+_HEADER_LINE = re.compile(f"({_TOKEN.pattern}):" + r"([^\x00-\x08\x0a-\x1f\x7f]*)")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a sent id we keep
 MAX_HEADERS = 100  # header lines in a request (http.client's limit)
 WRITE_TIMEOUT = REQUEST_TIMEOUT + 5  # seconds one send may wait for a slow reader
@@ -1003,7 +1003,7 @@ class Request:
     def read_body(self, limit: int, json_only: bool = False) -> bytes:
         """The body: 415 if not JSON (when asked), 413 over limit, 408 if cut short."""
         if json_only:
-            media = self.headers.get("Content-Type") or JSON
+            media = self.headers.get("Content-Type", JSON) or ""
             media = media.split(";")[0].strip().lower()
             if media != JSON and not media.endswith("+json"):
                 raise ApiError(

@@ -218,10 +218,8 @@ class Database:
         most STREAM_PAGE movies and PAGE_BYTES of JSON (plus one movie): memory
         stays flat whatever the table and the movies.
         """
-        if pattern is None:
-            name, cut = "page_movies", "cut_movies"
-        else:
-            name = cut = "cut_movies_by_title"
+        by_title = ("cut_movies_by_title",) * 2
+        name, cut = ("page_movies", "cut_movies") if pattern is None else by_title
         params = {"pattern": pattern, "after": 0, "offset": offset, "lead": "["}
         params["budget"] = PAGE_BYTES
         # A title search is planned for its pattern every time: a generic plan
@@ -445,7 +443,7 @@ _NON_ASCII = re.compile(r"[\x80-\xff]")  # raw bytes of the target, read as lati
 _VERSION = re.compile(r"HTTP/([0-9])\.[0-9]")
 # name ":" value: a token for the name, no space before the colon, no control
 # character but HTAB in the value (so no bare CR, no NUL; no obs-fold either)
-_HEADER_LINE = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
+_HEADER_LINE = re.compile(f"({_TOKEN.pattern}):" + r"([^\x00-\x08\x0a-\x1f\x7f]*)")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a sent id we keep
 MAX_HEADERS = 100  # header lines in a request (http.client's limit)
 WRITE_TIMEOUT = REQUEST_TIMEOUT + 5  # seconds one send may wait for a slow reader
@@ -585,7 +583,7 @@ class Request:
     def read_body(self, limit: int, json_only: bool = False) -> bytes:
         """The body: 415 if not JSON (when asked), 413 over limit, 408 if cut short."""
         if json_only:
-            media = self.headers.get("Content-Type") or JSON
+            media = self.headers.get("Content-Type", JSON) or ""
             media = media.split(";")[0].strip().lower()
             if media != JSON and not media.endswith("+json"):
                 raise ApiError(

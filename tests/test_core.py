@@ -408,3 +408,26 @@ def test_a_stream_that_fails_is_cut_short(pair, core):
     assert core.write_response(conn, response, "r", True) is False
     conn.sock.shutdown(socket.SHUT_WR)
     assert not read_all(client).endswith(b"0\r\n\r\n")
+
+
+# --- the server ---
+
+
+def test_over_the_connection_cap_is_503_busy_with_a_request_id(core):
+    server = core.Server(("127.0.0.1", 0), core.Router([]))
+    last, _ = pair_last = socket.socketpair()
+    refused, client = pair_refused = socket.socketpair()
+    try:
+        server.clients.update(object() for _ in range(core.MAX_CONNECTIONS - 1))
+        assert server.verify_request(last, None)  # the last place
+        assert not server.verify_request(refused, None)
+        status, headers, body = split(client.recv(4096))  # sent without waiting
+        assert status == "HTTP/1.1 503 Service Unavailable"
+        assert headers["Connection"] == "close" and headers["X-Request-Id"]
+        assert json.loads(body) == {"error": "server busy, try again"}
+        server.shutdown_request(last)  # frees its place
+        assert len(server.clients) == core.MAX_CONNECTIONS - 1
+    finally:
+        for sock in (*pair_last, *pair_refused):
+            sock.close()
+        server.server_close()

@@ -54,7 +54,7 @@ def test_the_services_share_their_logging_launch_and_http_code():
     assert {"logging", "bind", "http"} <= set(gateway)
     assert "def setup_logging(" in gateway["logging"][1]
     assert gateway["http"][0] == ("gateway.py", "inventory.py")
-    for name in ("class ApiError(", "class Server(", "class Handler(", "class Router("):
+    for name in ("class ApiError", "class Server", "class Handler", "class Router"):
         assert name in gateway["http"][1], name
 
 

@@ -826,23 +826,14 @@ def get_docs_asset(req: Request, name: str) -> Response:
 
 def build_routes(upstream: Upstream, publisher: Publisher) -> Router:
     """The route table, each handler given what it needs."""
+    proxy = functools.partial(proxy_movies, upstream=upstream)
+    order = functools.partial(post_billing, publisher=publisher)
+    check = functools.partial(health, upstream=upstream, publisher=publisher)
     return Router(
         [
-            (
-                "*",
-                r"/api/movies(/.*)?",
-                functools.partial(proxy_movies, upstream=upstream),
-            ),
-            (
-                "POST",
-                r"/api/billing/?",
-                functools.partial(post_billing, publisher=publisher),
-            ),
-            (
-                "GET",
-                r"/health/?",
-                functools.partial(health, upstream=upstream, publisher=publisher),
-            ),
+            ("*", r"/api/movies(/.*)?", proxy),
+            ("POST", r"/api/billing/?", order),
+            ("GET", r"/health/?", check),
             ("GET", r"/openapi\.yaml", get_spec),
             ("GET", r"/docs/?", get_docs),
             ("GET", r"/docs/(?P<name>[^/]+)", get_docs_asset),

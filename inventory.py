@@ -16,6 +16,8 @@ LOG_LEVEL (INFO). Every answer carries an X-Request-Id (the gateway's, if
 sane), also written in the access line (LOG_LEVEL=DEBUG).
 """
 
+from __future__ import annotations
+
 import sys
 
 if __name__ == "__main__":
@@ -25,6 +27,8 @@ if __name__ == "__main__":
     sys.modules.setdefault("ssl", None)
 
 import contextlib
+import email.utils
+import functools
 import json
 import logging
 import os
@@ -34,11 +38,14 @@ import signal
 import socket
 import threading
 import time
-import types
+from collections.abc import Callable
+from collections.abc import Iterator
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from socketserver import StreamRequestHandler
+from typing import Any
+from typing import NamedTuple
 from urllib.parse import parse_qs
 from urllib.parse import urlsplit
 
@@ -68,10 +75,10 @@ PAGE_BYTES = 1024 * 1024  # JSON per page, at most (plus one movie): memory per 
 # Control characters a title or description may not hold: C0 but tab, LF and CR
 # (PostgreSQL's JSON spells each other one \u00XX: 6 bytes for 1).
 _FORBIDDEN_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # an id we keep (gateway's)
 # One line per request (method, path, status, duration, request id): at INFO
 # it cost W1 18% of its throughput (same-run bench), so LOG_LEVEL=DEBUG only.
 ACCESS_LEVEL = logging.DEBUG
+SERVER_VERSION = "inventory/1.0"
 
 # --- Config ---
 
@@ -211,10 +218,8 @@ class Database:
         most STREAM_PAGE movies and PAGE_BYTES of JSON (plus one movie): memory
         stays flat whatever the table and the movies.
         """
-        if pattern is None:
-            name, cut = "page_movies", "cut_movies"
-        else:
-            name = cut = "cut_movies_by_title"
+        by_title = ("cut_movies_by_title",) * 2
+        name, cut = ("page_movies", "cut_movies") if pattern is None else by_title
         params = {"pattern": pattern, "after": 0, "offset": offset, "lead": "["}
         params["budget"] = PAGE_BYTES
         # A title search is planned for its pattern every time: a generic plan
@@ -245,15 +250,6 @@ class Database:
 
 
 # --- Errors and validation ---
-
-
-class ApiError(Exception):
-    """An error answered to the client as {"error": message}."""
-
-    def __init__(self, status, message, headers=None):
-        super().__init__(message)
-        self.status, self.message = status, message
-        self.headers = headers or {}
 
 
 def _bad(message):
@@ -331,23 +327,24 @@ def like_pattern(text):
 # --- Handlers ---
 
 
-def list_movies(req):
+def list_movies(req: Request, db: Database) -> Response:
     """GET /api/movies: every movie, or those whose title contains ?title=."""
-    title = req.query.get("title")
+    query = req.query
+    title = query.get("title")
     pattern = None
     if title:
         text = check_text(title, "title", MAX_TITLE, required=False, stored=False)
         pattern = like_pattern(text)
-    limit = parse_count(req.query, "limit", 1, MAX_LIMIT)
-    offset = parse_count(req.query, "offset", 0, MAX_DB_INT) or 0
-    pages = req.db.pages(pattern, offset, limit)
+    limit = parse_count(query, "limit", 1, MAX_LIMIT)
+    offset = parse_count(query, "offset", 0, MAX_DB_INT) or 0
+    pages = db.pages(pattern, offset, limit)
     first, more = next(pages)
     if not more:
-        return HTTPStatus.OK, first + b"]"
-    return HTTPStatus.OK, _json_array(first, pages)
+        return Response(HTTPStatus.OK, first + b"]", {"Content-Type": JSON})
+    return Response(HTTPStatus.OK, _json_array(first, pages), {"Content-Type": JSON})
 
 
-def _json_array(first, rest):
+def _json_array(first: bytes, rest: Iterator[tuple[bytes, bool]]) -> Iterator[bytes]:
     """Yield the pages of one JSON array as they come, then its end."""
     yield first
     for text, _ in rest:
@@ -355,139 +352,625 @@ def _json_array(first, rest):
     yield b"]"
 
 
-def create_movie(req):
+def read_movie(req: Request, partial: bool) -> tuple[str | None, str | None]:
+    """The request's JSON body as a movie: (title, description)."""
+    body = req.read_body(MAX_BODY, json_only=True)
+    return validate_movie(decode_object(body, "request body"), partial)
+
+
+def create_movie(req: Request, db: Database) -> Response:
     """POST /api/movies: create a movie from {title, description}."""
-    title, description = validate_movie(req.json_body(), partial=False)
-    movie_id, body = req.db.row(
-        "insert_movie", title=title, description=description or ""
-    )
-    return HTTPStatus.CREATED, body, {"Location": f"/api/movies/{movie_id}"}
+    title, description = read_movie(req, partial=False)
+    movie_id, body = db.row("insert_movie", title=title, description=description or "")
+    headers = {"Content-Type": JSON, "Location": f"/api/movies/{movie_id}"}
+    return Response(HTTPStatus.CREATED, body, headers)
 
 
-def delete_movies(req):
+def delete_movies(req: Request, db: Database) -> Response:
     """DELETE /api/movies: remove every movie."""
-    count = req.db.one("delete_all_movies")
-    return HTTPStatus.OK, {"message": f"deleted {count} movies", "deleted": count}
+    count = db.one("delete_all_movies")
+    return json_response(
+        HTTPStatus.OK, {"message": f"deleted {count} movies", "deleted": count}
+    )
 
 
-def get_movie(req, movie_id):
+def get_movie(req: Request, db: Database, movie_id: str) -> Response:
     """GET /api/movies/<id>."""
-    movie_id = parse_id(movie_id)
-    body = req.db.one("get_movie", id=movie_id)
+    number = parse_id(movie_id)
+    body = db.one("get_movie", id=number)
     if body is None:
-        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {movie_id} not found")
-    return HTTPStatus.OK, body
+        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {number} not found")
+    return Response(HTTPStatus.OK, body, {"Content-Type": JSON})
 
 
-def update_movie(req, movie_id):
+def update_movie(req: Request, db: Database, movie_id: str) -> Response:
     """PUT /api/movies/<id>: change the fields given, keep the others."""
-    movie_id = parse_id(movie_id)
-    title, description = validate_movie(req.json_body(), partial=True)
-    body = req.db.one("update_movie", id=movie_id, title=title, description=description)
+    number = parse_id(movie_id)
+    title, description = read_movie(req, partial=True)
+    body = db.one("update_movie", id=number, title=title, description=description)
     if body is None:
-        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {movie_id} not found")
-    return HTTPStatus.OK, body
+        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {number} not found")
+    return Response(HTTPStatus.OK, body, {"Content-Type": JSON})
 
 
-def delete_movie(req, movie_id):
+def delete_movie(req: Request, db: Database, movie_id: str) -> Response:
     """DELETE /api/movies/<id>."""
-    movie_id = parse_id(movie_id)
-    if req.db.one("delete_movie", id=movie_id) is None:
-        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {movie_id} not found")
-    return HTTPStatus.OK, {"message": f"deleted movie {movie_id}", "id": movie_id}
+    number = parse_id(movie_id)
+    if db.one("delete_movie", id=number) is None:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {number} not found")
+    return json_response(
+        HTTPStatus.OK, {"message": f"deleted movie {number}", "id": number}
+    )
 
 
-def health(req):
+def health(req: Request, db: Database) -> Response:
     """GET /health: 200 when the database answers, else 503."""
     try:
-        req.db.one("ping")
+        db.one("ping")
     except ApiError as exc:
-        return HTTPStatus.SERVICE_UNAVAILABLE, {
-            "status": "down",
-            "database": exc.message,
-        }
-    return HTTPStatus.OK, {"status": "ok", "database": "ok"}
+        return json_response(
+            HTTPStatus.SERVICE_UNAVAILABLE, {"status": "down", "database": exc.message}
+        )
+    return json_response(HTTPStatus.OK, {"status": "ok", "database": "ok"})
 
 
-ROUTES = [
-    ("GET", re.compile(r"/api/movies/?"), list_movies),
-    ("POST", re.compile(r"/api/movies/?"), create_movie),
-    ("DELETE", re.compile(r"/api/movies/?"), delete_movies),
-    ("GET", re.compile(r"/api/movies/(?P<movie_id>[^/]+)/?"), get_movie),
-    ("PUT", re.compile(r"/api/movies/(?P<movie_id>[^/]+)/?"), update_movie),
-    ("DELETE", re.compile(r"/api/movies/(?P<movie_id>[^/]+)/?"), delete_movie),
-    ("GET", re.compile(r"/health/?"), health),
-]
+def build_routes(db: Database) -> Router:
+    """The route table, each handler given the database."""
+    movies, movie = r"/api/movies/?", r"/api/movies/(?P<movie_id>[^/]+)/?"
+    return Router(
+        [
+            ("GET", movies, functools.partial(list_movies, db=db)),
+            ("POST", movies, functools.partial(create_movie, db=db)),
+            ("DELETE", movies, functools.partial(delete_movies, db=db)),
+            ("GET", movie, functools.partial(get_movie, db=db)),
+            ("PUT", movie, functools.partial(update_movie, db=db)),
+            ("DELETE", movie, functools.partial(delete_movie, db=db)),
+            ("GET", r"/health/?", functools.partial(health, db=db)),
+        ]
+    )
 
 
 # --- HTTP ---
 
 
+# --- shared: http (identical in gateway.py, inventory.py) ---
+# The HTTP/1.1 core of both servers: a strict head reader, the request and
+# response values, routing, one response writer, and the threading server.
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (methods)
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_NON_ASCII = re.compile(r"[\x80-\xff]")  # raw bytes of the target, read as latin-1
+_VERSION = re.compile(r"HTTP/([0-9])\.[0-9]")
+# name ":" value: a token for the name, no space before the colon, no control
+# character but HTAB in the value (so no bare CR, no NUL; no obs-fold either)
+_HEADER_LINE = re.compile(f"({_TOKEN.pattern}):" + r"([^\x00-\x08\x0a-\x1f\x7f]*)")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a sent id we keep
+MAX_HEADERS = 100  # header lines in a request (http.client's limit)
+WRITE_TIMEOUT = REQUEST_TIMEOUT + 5  # seconds one send may wait for a slow reader
+JSON = "application/json"
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+
+
+class ApiError(Exception):
+    """An error answered to the client as {"error": message}, with its headers."""
+
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.headers = headers or {}
+
+
+class Response(NamedTuple):
+    """A handler's answer: a body of bytes, or of pieces streamed as they come."""
+
+    status: int
+    body: bytes | Iterator[bytes]
+    headers: dict[str, str]
+
+
+def json_response(
+    status: int, data: object, headers: dict[str, str] | None = None
+) -> Response:
+    """A response whose body is data written as JSON."""
+    return Response(
+        status, json.dumps(data).encode(), {"Content-Type": JSON, **(headers or {})}
+    )
+
+
+class Deadline:
+    """A moment by which a request must have arrived; each read waits what is left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        """Seconds left; TimeoutError once there are none."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request deadline passed")
+        return left
+
+
+class Connection:
+    """A client's socket with a read buffer; reads stop at the request's deadline."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buffer = sock, bytearray()
+        self.deadline = Deadline(REQUEST_TIMEOUT)
+
+    def fill(self) -> bool:
+        """Add what the client sent next to the buffer; False at its end."""
+        self.sock.settimeout(self.deadline.left())
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def read_exact(self, size: int) -> bytes:
+        """size bytes, or fewer if the client stops or the deadline passes."""
+        with contextlib.suppress(OSError):  # TimeoutError and resets alike
+            while len(self.buffer) < size and self.fill():
+                pass
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def send(self, data: bytes) -> None:
+        """Send all of data; a reader stalled for WRITE_TIMEOUT raises."""
+        self.sock.settimeout(WRITE_TIMEOUT)
+        self.sock.sendall(data)
+
+
+class Headers:
+    """A request's header fields, found by name case-insensitively."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
+        self._values: dict[str, list[str]] = {}
+        for name, value in pairs:
+            self._values.setdefault(name.lower(), []).append(value)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of the field name, or default."""
+        values = self._values.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of the field name, in the order sent."""
+        return self._values.get(name.lower(), [])
+
+    def items(self) -> list[tuple[str, str]]:
+        """(name, value) of every field, in the order sent."""
+        return self.pairs
+
+    def __contains__(self, name: str) -> bool:
+        """Whether the field name was sent."""
+        return name.lower() in self._values
+
+
+class Request:
+    """One request as handlers see it; read_body() reads its body when wanted."""
+
+    def __init__(
+        self,
+        head: tuple[str, str, str, Headers],
+        client: tuple[str, int],
+        conn: Connection,
+    ) -> None:
+        self.method, self.target, self.version, self.headers = head
+        self.path = urlsplit(self.target).path
+        self.client, self.request_id = client, request_id(self.headers)
+        self.length, self.keep_alive, self.expect_100 = read_framing(
+            self.headers, self.version
+        )
+        self.body_read = False
+        self._conn = conn
+
+    @functools.cached_property
+    def query(self) -> dict[str, str]:
+        """The query string as {name: last value}; 400 unless it is UTF-8."""
+        try:
+            pairs = parse_qs(
+                urlsplit(self.target).query, keep_blank_values=True, errors="strict"
+            )
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, "query string is not valid UTF-8"
+            ) from None
+        return {name: values[-1] for name, values in pairs.items()}
+
+    def read_body(self, limit: int, json_only: bool = False) -> bytes:
+        """The body: 415 if not JSON (when asked), 413 over limit, 408 if cut short."""
+        if json_only:
+            media = self.headers.get("Content-Type", JSON) or ""
+            media = media.split(";")[0].strip().lower()
+            if media != JSON and not media.endswith("+json"):
+                raise ApiError(
+                    HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type must be {JSON}"
+                )
+        if self.length > limit:
+            raise ApiError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes"
+            )
+        if self.expect_100 and self.length:
+            self.expect_100 = False  # only now: the body is wanted
+            self._conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = self._conn.read_exact(self.length)
+        self.body_read = True
+        if len(body) < self.length:
+            self.keep_alive = False
+            raise ApiError(
+                HTTPStatus.REQUEST_TIMEOUT, "request body not received in time"
+            )
+        return body
+
+
+def request_id(headers: Headers) -> str:
+    """The X-Request-Id sent if it is one sane value, else a new id."""
+    sent = headers.get_all("X-Request-Id")
+    if len(sent) == 1 and _REQUEST_ID.fullmatch(sent[0]):
+        return sent[0]
+    return os.urandom(8).hex()  # 0.3 us; uuid4 takes 1.4
+
+
+def read_request_head(conn: Connection) -> bytes | None:
+    """The next request line and headers, or None if the client sent none.
+
+    408 if the deadline passes mid-head, 400 if the client ends it early,
+    414 or 431 beyond MAX_HEAD bytes.
+    """
+    buffer, start = conn.buffer, 0
+    while True:
+        while buffer.startswith(b"\n") or buffer.startswith(b"\r\n"):
+            del buffer[: buffer.index(b"\n") + 1]  # RFC 9112 2.2: blank lines before
+            start = 0
+        end = head_end(buffer, start)
+        if end > MAX_HEAD or (not end and len(buffer) > MAX_HEAD):
+            if b"\n" not in buffer[:MAX_HEAD]:
+                raise ApiError(HTTPStatus.REQUEST_URI_TOO_LONG, "request line too long")
+            raise ApiError(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"request line and headers over {MAX_HEAD} bytes",
+            )
+        if end:
+            head = bytes(buffer[:end])
+            del buffer[:end]
+            return head
+        start = max(len(buffer) - 2, 0)
+        try:
+            more = conn.fill()
+        except TimeoutError:
+            if not buffer:
+                return None  # an idle connection: closed without a word
+            raise ApiError(
+                HTTPStatus.REQUEST_TIMEOUT, "request not received in time"
+            ) from None
+        if not more:
+            if not buffer:
+                return None
+            raise ApiError(HTTPStatus.BAD_REQUEST, "request cut off")
+
+
+def head_end(buffer: bytearray | bytes, start: int = 0) -> int:
+    """Where the head ends in buffer (after its blank line), or 0 if not yet."""
+    crlf = buffer.find(b"\n\r\n", start)
+    lf = buffer.find(b"\n\n", start, len(buffer) if crlf < 0 else crlf + 1)
+    if lf >= 0:
+        return lf + 2
+    return crlf + 3 if crlf >= 0 else 0
+
+
+def parse_head(head: bytes) -> tuple[str, str, str, Headers]:
+    """Split a head into (method, target, version, headers); ApiError if malformed."""
+    lines = head.decode("latin-1").split("\n")[:-2]  # the blank line's two ends
+    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    method, target, version = parse_request_line(lines[0])
+    if len(lines) > MAX_HEADERS + 1:
+        raise ApiError(
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            f"over {MAX_HEADERS} header lines",
+        )
+    pairs = []
+    for line in lines[1:]:
+        match = _HEADER_LINE.fullmatch(line)
+        if match is None:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "malformed header line")
+        pairs.append((match[1], match[2].strip(" \t")))
+    return method, target, version, Headers(pairs)
+
+
+def parse_request_line(line: str) -> tuple[str, str, str]:
+    """(method, target, version) of a request line; ApiError unless HTTP/1.x."""
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "malformed request line")
+    method, target, version = parts
+    match = _VERSION.fullmatch(version)
+    if match is None:
+        raise ApiError(
+            HTTPStatus.BAD_REQUEST, f"malformed HTTP version {version[:20]!r}"
+        )
+    if match[1] != "1":
+        raise ApiError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "speak HTTP/1.1")
+    if not _TOKEN.fullmatch(method):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "invalid method")
+    if _CONTROL.search(target):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "control character in the URL")
+    if target.startswith("//"):
+        target = "/" + target.lstrip("/")  # not a host: http.server's reading
+    return method, _NON_ASCII.sub(_percent_encode, target), version
+
+
+def _percent_encode(match: re.Match[str]) -> str:
+    """Percent-encode one raw byte of the request target."""
+    return f"%{ord(match.group()):02X}"
+
+
+def read_framing(headers: Headers, version: str) -> tuple[int, bool, bool]:
+    """(body length, keep-alive, expects 100) of a request; refuse other framing."""
+    lengths = headers.get_all("Content-Length")
+    if "Transfer-Encoding" in headers:
+        if lengths:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST,
+                "send Content-Length or Transfer-Encoding, not both",
+            )
+        raise ApiError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length")
+    length = 0
+    if lengths:
+        # RFC 9112 6.3: identical repeated values stand for that one value.
+        values = {v.strip(" \t") for line in lengths for v in line.split(",")}
+        text = values.pop()
+        if values or not text.isascii() or not text.isdigit() or len(text) > 18:
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST,
+                "Content-Length must be one non-negative integer",
+            )
+        length = int(text)
+    options = {
+        v.strip(" \t").lower()
+        for line in headers.get_all("Connection")
+        for v in line.split(",")
+    }
+    http11 = version >= "HTTP/1.1"
+    keep_alive = "close" not in options and (http11 or "keep-alive" in options)
+    expect_100 = http11 and (headers.get("Expect") or "").lower() == "100-continue"
+    return length, keep_alive, expect_100
+
+
+Route = tuple[str, str, Callable[..., Response]]
+
+
+class Router:
+    """A route table: (method or "*", path pattern, handler), first match wins."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = [
+            (method, re.compile(path), handler) for method, path, handler in routes
+        ]
+
+    def match(
+        self, method: str, path: str
+    ) -> tuple[Callable[..., Response], dict[str, str]]:
+        """The handler for method and path with the path's named groups; 404 or 405."""
+        allowed = []
+        for route_method, pattern, handler in self.routes:
+            found = pattern.fullmatch(path)
+            if found:
+                if route_method in ("*", method):
+                    return handler, found.groupdict()
+                allowed.append(route_method)
+        if not allowed:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+        raise ApiError(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            f"{method} not allowed",
+            {"Allow": ", ".join(allowed)},
+        )
+
+
+def dispatch(router: Router, req: Request) -> Response:
+    """Run the request's handler; any error becomes a JSON answer (500: logged)."""
+    try:
+        handler, params = router.match(req.method, req.path)
+        return handler(req, **params)
+    except ApiError as exc:
+        return json_response(exc.status, {"error": exc.message}, exc.headers)
+    except Exception:
+        log.exception("%s %s failed", req.method, req.target)
+        return json_response(
+            HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _http_date(second: int) -> str:
+    """The Date header's value for a second since the epoch."""
+    return email.utils.formatdate(second, usegmt=True)
+
+
+def response_head(response: Response, request_id: str, framing: str) -> bytes:
+    """The status line and headers, framing ones last (Content-Length, ...)."""
+    status = int(response.status)
+    lines = [
+        f"HTTP/1.1 {status} {_PHRASES.get(status, '')}",
+        f"Server: {SERVER_VERSION}",
+        f"Date: {_http_date(int(time.time()))}",
+        f"X-Request-Id: {request_id}",
+        *(f"{name}: {value}" for name, value in response.headers.items()),
+        framing,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def write_response(
+    conn: Connection,
+    response: Response,
+    request_id: str,
+    keep_alive: bool,
+    method: str = "GET",
+    version: str = "HTTP/1.1",
+) -> bool:
+    """Send response; True if the connection may carry another request.
+
+    A body of bytes goes with its Content-Length in one write; pieces go
+    chunked, or to an HTTP/1.0 client until the connection closes.
+    """
+    body, close = response.body, "" if keep_alive else "\r\nConnection: close"
+    if isinstance(body, bytes):
+        head = response_head(
+            response, request_id, f"Content-Length: {len(body)}{close}"
+        )
+        conn.send(head if method == "HEAD" else head + body)
+        return keep_alive
+    chunked = version >= "HTTP/1.1"
+    if not chunked:
+        keep_alive, close = False, "\r\nConnection: close"
+    framing = ("Transfer-Encoding: chunked" if chunked else "") + close
+    head = response_head(response, request_id, framing.removeprefix("\r\n"))
+    return _stream(conn, head, body, chunked, method == "HEAD") and keep_alive
+
+
+def _stream(
+    conn: Connection,
+    head: bytes,
+    pieces: Iterator[bytes],
+    chunked: bool,
+    head_only: bool,
+) -> bool:
+    """Send head, then the pieces as they come; False if they stopped short."""
+    try:
+        conn.send(head)
+        for piece in () if head_only else pieces:
+            if piece:  # an empty chunk would end the body
+                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if chunked and not head_only:
+            conn.send(b"0\r\n\r\n")
+        return True
+    except Exception as exc:
+        # Too late for an error status: cut the connection so the client
+        # sees a truncated body rather than a complete-looking one.
+        log.warning("streaming stopped: %s", exc)
+        return False
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()  # a generator's cleanup (pooled connections) runs now
+
+
+class Handler(StreamRequestHandler):
+    """Serves one connection: reads its requests one by one and answers each."""
+
+    disable_nagle_algorithm = True  # headers and body of pieces go out at once
+    server: Server
+
+    def handle(self) -> None:
+        """Answer requests until one ends the connection."""
+        conn = Connection(self.connection)
+        while self.handle_one(conn):
+            pass
+
+    def handle_one(self, conn: Connection) -> bool:
+        """Read one request within REQUEST_TIMEOUT and answer it; False to close."""
+        conn.deadline, started = Deadline(REQUEST_TIMEOUT), time.monotonic()
+        try:
+            head = read_request_head(conn)
+            if head is None:
+                return False
+            req = Request(parse_head(head), self.client_address, conn)
+        except ApiError as exc:
+            response = json_response(exc.status, {"error": exc.message}, exc.headers)
+            rid = os.urandom(8).hex()
+            write_response(conn, response, rid, keep_alive=False)
+            _log_access("-", "-", response.status, started, rid)
+            return False
+        self.server.busy.add(conn)
+        try:
+            response = dispatch(self.server.router, req)
+            if req.length and not req.body_read:
+                req.keep_alive = False  # the unread body would poison the stream
+            keep_alive = req.keep_alive and not self.server.stopping
+            keep_alive = write_response(
+                conn, response, req.request_id, keep_alive, req.method, req.version
+            )
+        finally:
+            self.server.busy.discard(conn)
+        _log_access(req.method, req.target, response.status, started, req.request_id)
+        return keep_alive
+
+
+def _log_access(
+    method: str, target: str, status: int, started: float, rid: str
+) -> None:
+    """Write the access line (at ACCESS_LEVEL): method, target, status, time, id."""
+    if log.isEnabledFor(ACCESS_LEVEL):
+        took = (time.monotonic() - started) * 1000
+        target = _CONTROL.sub("?", target)
+        log.log(
+            ACCESS_LEVEL, "%s %s %s %.1fms %s", method, target, int(status), took, rid
+        )
+
+
+def _refuse(sock: socket.socket) -> None:
+    """Answer 503 on a connection the server has no room for, without waiting."""
+    body = b'{"error": "server busy, try again"}'
+    response = Response(HTTPStatus.SERVICE_UNAVAILABLE, body, {"Content-Type": JSON})
+    framing = f"Content-Length: {len(body)}\r\nConnection: close"
+    sock.setblocking(False)  # the serve loop is one thread: never block it
+    with contextlib.suppress(OSError):
+        sock.send(response_head(response, os.urandom(8).hex(), framing) + body)
+
+
 class Server(ThreadingHTTPServer):
-    """A threading server with a connection cap and a deadline per request."""
+    """A threading server with a connection cap and a graceful stop."""
 
     daemon_threads = True
     request_queue_size = 256
 
-    def __init__(self, address, db):
+    def __init__(self, address: tuple[str, int], router: Router) -> None:
         super().__init__(address, Handler)
-        self.db = db
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._deadlines = {}
-        self.cut = set()  # sockets the reaper cut off mid-request
-        self.busy = set()  # connections with a request in progress
+        self.router = router
+        self.clients: set[Any] = set()  # open connections, at most MAX_CONNECTIONS
+        self.busy: set[Connection] = set()  # connections with a request in progress
         self.stopping = False
-        self._lock = threading.Lock()
-        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
 
-    def process_request(self, request, client_address):
-        """Serve in a thread, or turn the client away when at the cap."""
-        if not self._slots.acquire(blocking=False):
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Take the connection, or answer 503 when MAX_CONNECTIONS are open."""
+        if len(self.clients) >= MAX_CONNECTIONS:
             _refuse(request)
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+            return False
+        self.clients.add(request)
+        return True
 
-    def process_request_thread(self, request, client_address):
-        """Serve one connection, then free its slot."""
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.watch(request, None)
-            with self._lock:
-                self.cut.discard(request)
-            self._slots.release()
+    def shutdown_request(self, request: Any) -> None:
+        """Close a connection and free its place."""
+        self.clients.discard(request)
+        super().shutdown_request(request)
 
-    def watch(self, sock, seconds):
-        """Give sock `seconds` to deliver its request; None stops watching."""
-        with self._lock:
-            if seconds is None:
-                self._deadlines.pop(sock, None)
-            else:
-                self._deadlines[sock] = time.monotonic() + seconds
+    def serve_until_signal(self) -> None:
+        """Serve until SIGTERM or SIGINT, then finish requests in flight and close."""
+        stopping = threading.Event()
 
-    def _reap(self):
-        """Cut the read side of connections past their deadline (idle or slow)."""
-        while True:
-            time.sleep(0.5)
-            now = time.monotonic()
-            with self._lock:
-                late = [s for s, t in self._deadlines.items() if t < now]
-                for sock in late:
-                    del self._deadlines[sock]
-                self.cut.update(late)
-            for sock in late:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RD)
+        def on_signal(signum: int, frame: object) -> None:
+            if not stopping.is_set():
+                stopping.set()
+                threading.Thread(target=self.stop, daemon=True).start()
 
-    def stop(self):
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.serve_forever()
+        self.finish(SHUTDOWN_GRACE)
+        self.server_close()
+
+    def stop(self) -> None:
         """Refuse new connections at once, then end serve_forever (another thread)."""
         self.stopping = True
         with contextlib.suppress(OSError):  # Linux refuses connects from now on
             self.socket.shutdown(socket.SHUT_RDWR)
         self.shutdown()
 
-    def finish(self, grace):
+    def finish(self, grace: float) -> None:
         """Once serve_forever returned, wait up to grace seconds for requests."""
         deadline = time.monotonic() + grace
         while self.busy and time.monotonic() < deadline:
@@ -495,7 +978,7 @@ class Server(ThreadingHTTPServer):
         if self.busy:
             log.warning("stopping with %d requests unfinished", len(self.busy))
 
-    def handle_error(self, request, client_address):
+    def handle_error(self, request: Any, client_address: Any) -> None:
         """Log unexpected errors; ordinary disconnects are a debug line."""
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError)):
@@ -504,339 +987,10 @@ class Server(ThreadingHTTPServer):
             log.exception("error serving %s", client_address)
 
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 method syntax
-_CONTROL = re.compile(r"[\x00-\x20\x7f]")
-_NON_ASCII = re.compile(r"[\x80-\xff]")  # raw bytes, as http.server decoded them
-# name ":" value, CRLF (or LF): a token for the name, no space before the colon,
-# no control character but HTAB in the value (so no bare CR, no NUL)
-_HEADER_LINE = re.compile(
-    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r?\n"
-)
+# --- end of shared: http ---
 
 
-class _HeadReader:
-    """Hands http.server the header lines, refusing any it could misread.
-
-    Its email parser takes a bare CR for a line end, unfolds continuation
-    lines and reads everything after a line without a colon as body: here
-    each is an error, as is a head over MAX_HEAD or one the client never ended.
-    """
-
-    def __init__(self, rfile, budget):
-        self.rfile, self.budget, self.error = rfile, budget, None
-
-    def readline(self, size=-1):
-        """The next header line; after a problem, the end of the head."""
-        if self.error:
-            return b"\r\n"
-        line = self.rfile.readline(max(self.budget, 0) + 1)
-        self.budget -= len(line)
-        if line in (b"\r\n", b"\n"):
-            return line
-        if self.budget < 0:
-            self.error = (
-                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                f"request line and headers over {MAX_HEAD} bytes",
-            )
-        elif not line.endswith(b"\n"):
-            self.error = (HTTPStatus.BAD_REQUEST, "request headers cut off")
-        elif not _HEADER_LINE.fullmatch(line):
-            self.error = (HTTPStatus.BAD_REQUEST, "malformed header line")
-        else:
-            return line
-        return b"\r\n"
-
-
-def _percent_encode(match):
-    """Percent-encode one raw byte of the request target."""
-    return f"%{ord(match.group()):02X}"
-
-
-def _refuse(sock):
-    """Answer 503 on a connection the server has no room for."""
-    body = b'{"error": "server busy, try again"}'
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    with contextlib.suppress(OSError):
-        sock.sendall(head.encode() + body)
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Parses requests, dispatches them through ROUTES and writes JSON."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "inventory/1.0"
-    timeout = REQUEST_TIMEOUT + 5  # backstop; the reaper enforces the deadline
-
-    def setup(self):
-        """Disable Nagle: headers and body go out in separate writes."""
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def handle_one_request(self):
-        """Read and answer one request within REQUEST_TIMEOUT; log its access line."""
-        self.server.watch(self.connection, REQUEST_TIMEOUT)
-        self.request_id = self._status = self.command = None
-        self.path = "-"
-        self._started = time.monotonic()  # until the request line: see parse_request
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.busy.discard(self.connection)
-        if self._status is not None:
-            log.log(
-                ACCESS_LEVEL,
-                "%s %s %s %.1fms %s",
-                self.command,
-                _CONTROL.sub("?", self.path),
-                self._status,
-                (time.monotonic() - self._started) * 1000,
-                self.request_id,
-            )
-
-    def parse_request(self):
-        """Parse the head; refuse one cut off, malformed or with ambiguous framing."""
-        self._started = time.monotonic()
-        self.server.busy.add(self.connection)
-        self.body_length, self._expect_100 = 0, False
-        if self.raw_requestline.endswith(b"\n"):
-            head = _HeadReader(self.rfile, MAX_HEAD - len(self.raw_requestline))
-            self.rfile = head  # http.server reads the header lines through it
-            try:
-                ok = super().parse_request()  # answers 400 itself when not ok
-            finally:
-                self.rfile = head.rfile
-            timed_out = ok and self.connection in self.server.cut
-            if ok and not timed_out:
-                self.request_id = request_id(self.headers)
-                if head.error:
-                    self.send_error(*head.error)
-                    return False
-                return self._check_framing() and self._check_target()
-        else:  # cut off mid-line, or the client closed
-            ok, timed_out = False, self.connection in self.server.cut
-        if timed_out:
-            self.command, self.request_version = None, "HTTP/1.1"
-            self.requestline = self.raw_requestline.decode("latin-1").rstrip()
-            self.send_error(HTTPStatus.REQUEST_TIMEOUT, "request not received in time")
-            return False
-        return ok
-
-    def _check_framing(self):
-        """Set body_length from Content-Length; refuse any other framing."""
-        lengths = self.headers.get_all("Content-Length")
-        if "Transfer-Encoding" in self.headers:
-            if lengths:
-                self.send_error(
-                    HTTPStatus.BAD_REQUEST,
-                    "send Content-Length or Transfer-Encoding, not both",
-                )
-            else:  # we cannot tell where the body ends
-                self.send_error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length")
-            return False
-        if lengths:
-            # RFC 9112 6.3: identical repeated values stand for that one value.
-            values = {v.strip(" \t") for line in lengths for v in line.split(",")}
-            text = values.pop()
-            if values or not text.isascii() or not text.isdigit() or len(text) > 18:
-                self.send_error(
-                    HTTPStatus.BAD_REQUEST,
-                    "Content-Length must be one non-negative integer",
-                )
-                return False
-            self.body_length = int(text)
-        return True
-
-    def handle_expect_100(self):
-        """Send 100 Continue only once the body is wanted (see read_length)."""
-        self._expect_100 = True
-        return True
-
-    def _check_target(self):
-        """Refuse odd methods and control characters; percent-encode non-ASCII."""
-        if not _TOKEN.fullmatch(self.command):
-            self.send_error(HTTPStatus.BAD_REQUEST, "invalid method")
-            return False
-        if _CONTROL.search(self.path):
-            self.send_error(HTTPStatus.BAD_REQUEST, "control character in the URL")
-            return False
-        self.path = _NON_ASCII.sub(_percent_encode, self.path)
-        return True
-
-    def do_GET(self):
-        self.dispatch()
-
-    def do_POST(self):
-        self.dispatch()
-
-    def do_PUT(self):
-        self.dispatch()
-
-    def do_DELETE(self):
-        self.dispatch()
-
-    @property
-    def db(self):
-        return self.server.db
-
-    def dispatch(self):
-        """Route the request, run its handler and write the answer."""
-        self.query = {}
-        self._body_read = False
-        try:
-            url = urlsplit(self.path)
-            handler, params = self._route(url.path)
-            self.query = _parse_query(url.query)
-            result = handler(self, **params)
-            status, payload, headers = (*result, {})[:3]
-        except ApiError as exc:
-            status, payload, headers = exc.status, {"error": exc.message}, exc.headers
-            if exc.status == HTTPStatus.METHOD_NOT_ALLOWED:
-                headers = {"Allow": exc.allow}
-        except Exception:
-            log.exception("%s %s failed", self.command, self.path)
-            status, payload, headers = (
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                {"error": "internal error"},
-                {},
-            )
-        if not self._body_read and self.body_length:
-            self.close_connection = True  # the unread body would poison the stream
-        self.respond(status, payload, headers)
-
-    def _route(self, path):
-        """Find the handler for path and method, or raise 404/405."""
-        allowed = []
-        for method, pattern, handler in ROUTES:
-            match = pattern.fullmatch(path)
-            if match:
-                if method == self.command:
-                    return handler, match.groupdict()
-                allowed.append(method)
-        if not allowed:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
-        error = ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{self.command} not allowed")
-        error.allow = ", ".join(allowed)
-        raise error
-
-    def json_body(self):
-        """Read the body and return it as a JSON object (dict)."""
-        return decode_object(self.read_body(MAX_BODY, self.headers), "request body")
-
-    def read_body(self, limit, headers):
-        """Read the raw body, enforcing Content-Type, Content-Length and size."""
-        ctype = headers.get("Content-Type", "application/json")
-        media = ctype.split(";")[0].strip().lower()
-        if media != "application/json" and not media.endswith("+json"):
-            raise ApiError(
-                HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-                "Content-Type must be application/json",
-            )
-        return self.read_length(limit)
-
-    def read_length(self, limit):
-        """Read the body_length bytes of the body (413 beyond limit)."""
-        if self.body_length > limit:
-            raise ApiError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes"
-            )
-        if self._expect_100 and self.body_length:
-            self._expect_100 = False
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = self.rfile.read(self.body_length)
-        self._body_read = True
-        self.server.watch(self.connection, None)
-        if len(body) < self.body_length:
-            self.close_connection = True
-            raise ApiError(
-                HTTPStatus.REQUEST_TIMEOUT, "request body not received in time"
-            )
-        return body
-
-    def respond(self, status, payload, headers=None):
-        """Write a JSON response with an exact Content-Length."""
-        self.server.watch(self.connection, None)
-        if self.server.stopping:
-            self.close_connection = True  # the last answer on this connection
-        if isinstance(payload, types.GeneratorType):
-            self._respond_chunked(status, payload)
-            return
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        # Headers and body in one write: one syscall, one packet.
-        self._headers_buffer.append(b"\r\n")
-        if self.command != "HEAD":
-            self._headers_buffer.append(body)
-        self.flush_headers()
-
-    def _respond_chunked(self, status, pieces):
-        """Stream a response of unknown length: chunked, or until the close."""
-        chunked = self.request_version >= "HTTP/1.1"  # HTTP/1.0 cannot read chunks
-        self.close_connection = self.close_connection or not chunked
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        if chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        try:
-            for piece in pieces:
-                self.wfile.write(
-                    b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece
-                )
-        except (OSError, ApiError) as exc:
-            # Too late for an error status: cut the connection so the client
-            # sees a truncated body rather than a complete-looking one.
-            log.warning("streaming %s stopped: %s", self.path, exc)
-            self.close_connection = True
-            pieces.close()
-            return
-        if chunked:
-            self.wfile.write(b"0\r\n\r\n")
-
-    def send_error(self, code, message=None, explain=None):
-        """Answer http.server's own errors (bad request line, odd method) in JSON."""
-        if code == HTTPStatus.NOT_IMPLEMENTED and self.command:
-            self.dispatch()  # an unknown method: 405 or 404, like any other
-            return
-        self.close_connection = True
-        self.request_version = "HTTP/1.1"  # always answer with a status line
-        self.respond(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
-
-    def send_response(self, code, message=None):
-        """Start an answer; every one carries the request's X-Request-Id."""
-        super().send_response(code, message)
-        if self.request_id is None:  # refused before its headers were read
-            self.request_id = os.urandom(8).hex()
-        self.send_header("X-Request-Id", self.request_id)
-
-    def log_request(self, code="-", size="-"):
-        """Keep the status for the access line handle_one_request writes."""
-        self._status = int(code)
-
-    def log_message(self, format, *args):
-        """Send http.server's other messages to logging at debug level."""
-        log.debug("%s - %s", self.address_string(), format % args)
-
-
-def request_id(headers):
-    """The X-Request-Id sent (by the gateway) if it is one sane value, else a new id."""
-    sent = headers.get_all("X-Request-Id")
-    if sent and len(sent) == 1 and _REQUEST_ID.fullmatch(sent[0]):
-        return sent[0]
-    return os.urandom(8).hex()
-
-
-def decode_object(body, what):
+def decode_object(body: bytes, what: str) -> dict[str, Any]:
     """Parse JSON bytes that must hold an object; 400 otherwise."""
     try:
         data = json.loads(body, parse_constant=_reject_constant)
@@ -849,25 +1003,18 @@ def decode_object(body, what):
     return data
 
 
-def _reject_constant(name):
+def _reject_constant(name: str) -> None:
     """Refuse NaN and Infinity, which are not JSON."""
     raise ValueError(f"{name} is not allowed")
-
-
-def _parse_query(query):
-    """Parse a query string into {name: last value}."""
-    try:
-        pairs = parse_qs(query, keep_blank_values=True, errors="strict")
-    except (ValueError, UnicodeDecodeError):
-        raise _bad("query string is not valid UTF-8") from None
-    return {name: values[-1] for name, values in pairs.items()}
 
 
 # --- Main ---
 
 
 # --- shared: bind (identical in gateway.py, inventory.py) ---
-def bind_or_exit(server_class, prefix, config, *args):
+def bind_or_exit(
+    server_class: Callable[..., Server], prefix: str, config: dict[str, str], *args: Any
+) -> Server:
     """server_class((HOST, PORT), *args); one line naming the fix if it cannot bind."""
     host, port = config[f"{prefix}_HOST"], config[f"{prefix}_PORT"]
     try:
@@ -905,7 +1052,7 @@ def setup_logging(name, level):
 # --- end of shared: logging ---
 
 
-def main():
+def main() -> None:
     """Start the pool and serve until SIGTERM or SIGINT."""
     config = load_config()
     setup_logging("inventory", os.environ.get("LOG_LEVEL", "INFO"))
@@ -923,21 +1070,10 @@ def main():
         )
     )
     db.open()
-    server = bind_or_exit(Server, "INVENTORY", config, db)
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        if not stop.is_set():
-            stop.set()
-            threading.Thread(target=server.stop, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    server = bind_or_exit(Server, "INVENTORY", config, build_routes(db))
     host, port = server.server_address[:2]
     log.info("inventory listening on http://%s:%s", host, port)
-    server.serve_forever()
-    server.finish(SHUTDOWN_GRACE)
-    server.server_close()
+    server.serve_until_signal()
     db.close()
     log.info("inventory stopped")
 

@@ -298,8 +298,8 @@ def test_publisher_survives_running_out_of_descriptors(monkeypatch, queue):
         helpers.wait_for(
             lambda: fault.calls >= 2, timeout=10, what="two failed attempts"
         )
-        server = types.SimpleNamespace(upstream=HealthyUpstream(), publisher=publisher)
-        status, report = gateway.health(types.SimpleNamespace(server=server))
+        status, body, _ = gateway.health(None, HealthyUpstream(), publisher)
+        report = json.loads(body)
         assert status == 503 and "Too many open files" in report["rabbitmq"], report
         fault.release()
         helpers.wait_for(
@@ -307,7 +307,7 @@ def test_publisher_survives_running_out_of_descriptors(monkeypatch, queue):
         )
         publisher.publish(json.dumps(ORDER).encode(), "after-emfile")
         assert helpers.queue_depth(queue) == 1
-        assert gateway.health(types.SimpleNamespace(server=server))[0] == 200
+        assert gateway.health(None, HealthyUpstream(), publisher).status == 200
     finally:
         stop = getattr(publisher, "stop", None)
         if stop:

@@ -51,8 +51,11 @@ def test_every_shared_block_is_identical_wherever_it_is_named():
 
 def test_the_services_share_their_logging_and_launch_code():
     gateway = shared_blocks((ROOT / "gateway.py").read_text())
-    assert {"logging", "bind"} <= set(gateway)
+    assert {"logging", "bind", "amqp"} <= set(gateway)
     assert "def setup_logging(" in gateway["logging"][1]
+    files, amqp = gateway["amqp"]
+    assert set(files) == {"gateway.py", "billing.py"}
+    assert "class Backoff" in amqp and "def queue_arguments(" in amqp
 
 
 @pytest.mark.parametrize(

@@ -250,17 +250,12 @@ def queue_depth(name):
 
 def publish_raw(queue, bodies, message_ids=None, declare=True):
     """Publish bodies straight to queue with confirms (as a person could)."""
+    from billing import queue_arguments  # the one source of the queue's arguments
+
     conn, channel = rabbit_channel()
     if declare:
         channel.queue_declare(f"{queue}.dead", durable=True)
-        channel.queue_declare(
-            queue,
-            durable=True,
-            arguments={
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": f"{queue}.dead",
-            },
-        )
+        channel.queue_declare(queue, durable=True, arguments=queue_arguments(queue))
     channel.confirm_delivery()
     for i, body in enumerate(bodies):
         props = pika.BasicProperties(

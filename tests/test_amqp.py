@@ -1,5 +1,6 @@
-"""AMQP: one back-off rule, and a publisher that stops."""
+"""AMQP: one back-off rule, a publisher that stops, the queue arguments once."""
 
+import os
 import socket
 import subprocess
 import threading
@@ -9,8 +10,10 @@ from pathlib import Path
 import pika
 import pytest
 from conftest import delete_queues
+from conftest import rabbit_channel
 from conftest import rabbit_params
 from conftest import wait_for
+from test_shared_blocks import shared_blocks
 
 import billing
 import gateway
@@ -60,6 +63,72 @@ def test_both_services_back_off_alike():
     for module in (gateway, billing):
         clock = Clock()
         assert waits(module.Backoff(clock), clock, [1, 1, 60, 1]) == [0.5, 1, 0.5, 1]
+
+
+# --- One source for the queue arguments ---
+
+NEEDLE = "x-dead-" + "letter"  # split, so that this file is no copy itself
+
+
+def copies_outside_the_services(root):
+    """Files (other than the services' shared amqp blocks) that spell the arguments."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        parts = path.relative_to(root).parts
+        if not path.is_file() or parts[0] in ("venv", "node_modules", ".git"):
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        if path.name in ("gateway.py", "billing.py") and len(parts) == 1:
+            text = text.replace(shared_blocks(text)["amqp"][1], "")
+        if NEEDLE in text:
+            found.append(str(path.relative_to(root)))
+    return found
+
+
+def test_the_queue_arguments_are_spelt_once_in_each_service_and_nowhere_else():
+    assert copies_outside_the_services(ROOT) == []
+    assert gateway.queue_arguments("q") == billing.queue_arguments("q")
+
+
+def test_a_copy_of_the_queue_arguments_is_found(tmp_path):
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "x.sh").write_text(f'args="{NEEDLE}-exchange"\n')
+    for name in ("gateway.py", "billing.py"):
+        text = (ROOT / name).read_text()
+        (tmp_path / name).write_text(text + f"\nA = '{NEEDLE}-routing-key'\n")
+    assert copies_outside_the_services(tmp_path) == [
+        "billing.py",
+        "gateway.py",
+        "scripts/x.sh",
+    ]
+
+
+def test_provisioning_declares_the_queue_with_billings_arguments():
+    queue = f"test_amqp_{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "RABBITMQ_QUEUE": queue,
+        "RABBITMQ_PORT": "5672",
+        "VENV_ROOT": str(ROOT / "venv"),
+        "REPO_DIR": str(ROOT),
+    }
+    script = 'source "$REPO_DIR/scripts/lib.sh"; declare_billing_queues'
+    try:
+        done = subprocess.run(
+            ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        conn, channel = rabbit_channel()
+        arguments = billing.queue_arguments(queue)
+        channel.queue_declare(queue, durable=True, arguments=arguments)  # the same
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+            channel.queue_declare(queue, durable=True)  # without them: refused
+        conn.close()
+    finally:
+        delete_queues(queue)
 
 
 # --- Publisher.stop() ---

@@ -32,8 +32,11 @@ import select
 import signal
 import sys
 import time
+import types
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pika
 import psycopg
@@ -47,16 +50,20 @@ HERE = Path(__file__).resolve().parent
 PREFETCH = 1000  # unacked messages RabbitMQ may hand us at once
 BATCH_SIZE = 500  # orders per INSERT and per ack
 BATCH_WAIT = 0.05  # seconds a partial batch may wait for more messages
-MAX_BACKOFF = 5  # seconds between reconnect attempts, at most
 MAX_DB_INT = 2**31 - 1
 MAX_MESSAGE_ID = 255
 MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
 MAX_BODY = 64 * 1024  # bytes; the gateway takes no larger order, one is ~80 bytes
 PARSE_TIMEOUT = 5  # seconds to parse a message (or batch); a hang beyond is a crash
-ACCESS_REFUSED = 403  # AMQP reply code: the user lacks the right
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
 _INTEGER = re.compile(r"[0-9]{1,10}")
 _AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
+
+Order = tuple[int, int, Decimal]  # user_id, number_of_items, total_amount
+Verdict = tuple[Order | None, str | None]  # (order, None) or (None, why dead)
+Suspect = tuple[int, Any, bytes]  # delivery tag, message_id, body
+Message = tuple[int, bool, Any, bytes]  # delivery tag, redelivered, properties, body
+Row = tuple[int, int, Decimal, Any]  # an order and its message_id, to insert
 
 # --- Config ---
 
@@ -75,7 +82,7 @@ REQUIRED = (
 )
 
 
-def load_config():
+def load_config() -> dict[str, str]:
     """Read settings from the environment (and .env); exit if any is missing."""
     load_dotenv(HERE / ".env")
     missing = [k for k in REQUIRED if not os.environ.get(k)]
@@ -84,12 +91,69 @@ def load_config():
     return {k: os.environ[k] for k in REQUIRED}
 
 
-def queue_arguments(queue):
-    """The billing queue's arguments; gateway.py declares it identically."""
+# --- shared: amqp (identical in gateway.py, billing.py) ---
+ACCESS_REFUSED = 403  # AMQP reply code: the user lacks the right
+STACK_TIMEOUT = 5  # seconds a connection attempt may take, TCP to AMQP open
+BACKOFF_FIRST = 0.5  # seconds to wait after a failure
+BACKOFF_MAX = 5  # seconds between two attempts, at most
+BACKOFF_RESET = 2 * STACK_TIMEOUT  # an attempt that lasted this long had worked
+
+
+def queue_arguments(queue: str) -> dict[str, str]:
+    """The billing queue's arguments: what billing rejects goes to <queue>.dead."""
     return {
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": f"{queue}.dead",
     }
+
+
+def connection_parameters(
+    config: dict[str, str], service: str, **extra: Any
+) -> pika.ConnectionParameters:
+    """pika's settings for the service's RabbitMQ user, read from its config."""
+    prefix = f"RABBITMQ_{service.upper()}"
+    return pika.ConnectionParameters(
+        host=config["RABBITMQ_HOST"],
+        port=int(config["RABBITMQ_PORT"]),
+        credentials=pika.PlainCredentials(
+            config[f"{prefix}_USER"], config[f"{prefix}_PASSWORD"]
+        ),
+        heartbeat=30,
+        socket_timeout=3,
+        stack_timeout=STACK_TIMEOUT,
+        connection_attempts=1,
+        client_properties={"connection_name": service},
+        **extra,
+    )
+
+
+class Backoff:
+    """Doubling waits between attempts, capped; an attempt that lasted resets them.
+
+    start() as an attempt begins, failed() when it has ended: the wait is
+    BACKOFF_FIRST again if the attempt lasted BACKOFF_RESET seconds (longer
+    than any failed connection attempt), else twice the last, at most BACKOFF_MAX.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._next = BACKOFF_FIRST
+
+    def start(self) -> None:
+        """Note that an attempt begins (before connecting, say)."""
+        self._started = self._clock()
+
+    def failed(self) -> float:
+        """Seconds to wait before the next attempt, now that this one has ended."""
+        if self._clock() - self._started >= BACKOFF_RESET:
+            self._next = BACKOFF_FIRST
+        wait = self._next
+        self._next = min(wait * 2, BACKOFF_MAX)
+        return wait
+
+
+# --- end of shared: amqp ---
 
 
 # --- SQL ---
@@ -97,7 +161,7 @@ def queue_arguments(queue):
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
-def load_queries(path):
+def load_queries(path: Path) -> dict[str, str]:
     """Return {name: sql} for each '-- name: x' block in the file."""
     parts = _NAME.split(path.read_text())
     return {
@@ -115,7 +179,7 @@ class InvalidOrder(Exception):
     """A message that can never be stored."""
 
 
-def check_positive_int(value, field):
+def check_positive_int(value: object, field: str) -> int:
     """Accept a positive integer, as a JSON number or a string of digits."""
     if isinstance(value, str) and _INTEGER.fullmatch(value):
         value = int(value)
@@ -126,7 +190,7 @@ def check_positive_int(value, field):
     return value
 
 
-def check_amount(value, field):
+def check_amount(value: object, field: str) -> Decimal:
     """Accept an amount >= 0 with at most two decimals, as a number or string."""
     if isinstance(value, str) and _AMOUNT.fullmatch(value):
         value = Decimal(value)
@@ -142,7 +206,7 @@ def check_amount(value, field):
     return value
 
 
-def parse_order(body):
+def parse_order(body: bytes) -> Order:
     """Turn a message body into (user_id, number_of_items, total_amount)."""
     if len(body) > MAX_BODY:
         raise InvalidOrder(f"body over {MAX_BODY} bytes")
@@ -164,7 +228,7 @@ def parse_order(body):
     )
 
 
-def check_message_id(message_id):
+def check_message_id(message_id: object) -> None:
     """A message_id must be text PostgreSQL can store (or absent)."""
     if message_id is None:
         return
@@ -174,12 +238,12 @@ def check_message_id(message_id):
         raise InvalidOrder(f"message_id over {MAX_MESSAGE_ID} characters")
 
 
-def _reject_constant(name):
+def _reject_constant(name: str) -> None:
     """Refuse NaN and Infinity, which are not JSON."""
     raise ValueError(f"{name} is not allowed")
 
 
-def _parse_decimal(text):
+def _parse_decimal(text: str) -> Decimal:
     """A JSON number with a fraction or exponent; NaN (refused) if out of range."""
     try:
         return Decimal(text)
@@ -187,7 +251,7 @@ def _parse_decimal(text):
         return Decimal("NaN")
 
 
-def read_message(body, message_id):
+def read_message(body: bytes, message_id: Any) -> Verdict:
     """Return (order, None) for a message that can be stored, else (None, reason)."""
     try:
         order = parse_order(body)
@@ -200,7 +264,7 @@ def read_message(body, message_id):
         return None, f"billing failed on it: {exc!r}"
 
 
-def read_apart(messages):
+def read_apart(messages: list[Suspect]) -> dict[int, Verdict]:
     """read_message for each (tag, message_id, body), in a child process.
 
     Returns {tag: (order, reason)}. The child answers one line per message,
@@ -216,9 +280,8 @@ def read_apart(messages):
         try:
             for tag, message_id, body in messages:
                 order, reason = read_message(body, message_id)
-                if order is not None:
-                    order = [order[0], order[1], str(order[2])]
-                line = json.dumps([tag, order, reason]).encode() + b"\n"
+                answer = None if order is None else [*order[:2], str(order[2])]
+                line = json.dumps([tag, answer, reason]).encode() + b"\n"
                 while line:  # unbuffered: what was answered survives a crash
                     line = line[os.write(writer, line) :]
             status = 0
@@ -240,7 +303,7 @@ def read_apart(messages):
     return {**verdicts, **(read_apart(rest) if rest else {})}
 
 
-def _read_child(reader, pid):
+def _read_child(reader: int, pid: int) -> tuple[bytes, str | None]:
     """Collect a child's output; return (bytes, None or how the child failed)."""
     chunks, deadline, failure = [], time.monotonic() + PARSE_TIMEOUT, None
     try:
@@ -268,43 +331,215 @@ def _read_child(reader, pid):
 # --- Consumer ---
 
 
-class Consumer:
-    """Moves orders from the queue to the table, one batch at a time."""
+def read_batch(batch: list[Message]) -> tuple[list[tuple[int, Row]], dict[int, str]]:
+    """Parse a batch: ([(tag, row to insert)], {tag: dead-letter reason}).
 
-    def __init__(self, params, queue, conninfo):
-        self.params, self.queue, self.conninfo = params, queue, conninfo
+    A redelivered message was unsettled when a consumer stopped, maybe
+    because it killed or hung billing: those are parsed in a child process.
+    """
+    suspects = [(tag, p.message_id, body) for tag, again, p, body in batch if again]
+    verdicts = read_apart(suspects) if suspects else {}
+    # SIGALRM's default action ends the process: a parser stuck in a loop
+    # becomes a crash, and the message is a suspect when redelivered.
+    signal.alarm(PARSE_TIMEOUT)
+    try:
+        for tag, _, properties, body in batch:
+            if tag not in verdicts:
+                verdicts[tag] = read_message(body, properties.message_id)
+    finally:
+        signal.alarm(0)
+    rows: list[tuple[int, Row]] = []
+    dead, seen = {}, set()
+    for tag, _, properties, _ in batch:
+        message_id = properties.message_id
+        order, reason = verdicts[tag]
+        if reason is not None:
+            dead[tag] = reason
+        elif order is not None and (message_id is None or message_id not in seen):
+            seen.add(message_id)  # the same message twice in one batch: once
+            rows.append((tag, (*order, message_id)))
+    return rows, dead
+
+
+def settle(channel: Any, batch: list[Message], dead: dict[int, str]) -> None:
+    """Dead-letter the messages in `dead`, then ack the rest of the batch.
+
+    The nacks go first, and the one ack (multiple) goes to the last tag not
+    nacked: it covers only this batch's unsettled messages, never a tag
+    already nacked (the broker would close the channel for that).
+    """
+    for tag, _, properties, _ in batch:
+        if tag in dead:
+            log.warning(
+                "rejected message %r: %s (dead-lettered)",
+                properties.message_id,
+                dead[tag],
+            )
+            channel.basic_nack(tag, requeue=False)
+    kept = [tag for tag, _, _, _ in batch if tag not in dead]
+    if kept:
+        channel.basic_ack(kept[-1], multiple=True)
+
+
+class _Store:
+    """Commits batches to the table, then settles their messages on the channel.
+
+    No message can make billing fail in a loop, and no database outage
+    dead-letters anything: it waits (sleep, which says False once stopping).
+    """
+
+    def __init__(self, conninfo: str, sleep: Callable[[float], bool]) -> None:
+        self.conninfo, self.sleep = conninfo, sleep
+        self._db: psycopg.Connection[Any] | None = None
+
+    def close(self) -> None:
+        """Close the database connection (Consumer.run, when it stops)."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def store(self, channel: Any, batch: list[Message]) -> None:
+        """Store a batch (Consumer._consume); if it fails, its messages one by one.
+
+        A message that fails again alone is dead-lettered with the error.
+        """
+        try:
+            self._store_batch(channel, batch)
+        except (AMQPError, OSError):
+            raise  # the broker went away (or fork failed): reconnect, retry
+        except Exception as exc:
+            if len(batch) == 1:
+                log.exception("storing message %r failed", batch[0][2].message_id)
+                settle(channel, batch, {batch[0][0]: f"billing failed: {exc!r}"})
+                return
+            log.exception("storing a batch failed; storing its orders one by one")
+            for message in batch:
+                self.store(channel, [message])
+
+    def _store_batch(self, channel: Any, batch: list[Message]) -> None:
+        """Insert a batch (store), then settle: dead-letter the bad, ack the rest."""
+        rows, dead = read_batch(batch)
+        if rows and not self._insert_rows(rows, dead):
+            return  # stopping while the database is down: leave all unacked
+        settle(channel, batch, dead)
+
+    def _insert_rows(self, rows: list[tuple[int, Row]], dead: dict[int, str]) -> bool:
+        """Commit the rows; those PostgreSQL refuses join `dead`. False if stopped.
+
+        Only a row refused for its values (a data or integrity error) is
+        dead-lettered; if every row of a batch is refused, the table is to blame:
+        wait and retry, as for an outage.
+        """
+        backoff = Backoff()
+        while True:
+            backoff.start()
+            try:
+                return self._insert([values for _, values in rows])
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                log.warning("batch refused (%s); storing its orders one by one", exc)
+            refused = {}
+            for tag, values in rows:
+                try:
+                    if not self._insert([values]):
+                        return False
+                except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                    refused[tag] = str(exc)
+            if len(rows) == 1 or len(refused) < len(rows):
+                dead.update(refused)
+                return True
+            delay = backoff.failed()
+            log.warning(
+                "PostgreSQL refused all %d orders; retrying in %.1fs", len(rows), delay
+            )
+            if not self.sleep(delay):
+                return False
+
+    def _insert(self, rows: list[Row]) -> bool:
+        """Commit the rows, waiting out database outages; False if stopped.
+
+        Any error but a data or integrity error is an outage (server down, a
+        missing table, a revoked privilege, a read-only database): nothing is
+        dead-lettered for it.
+        """
+        backoff = Backoff()
+        while True:
+            backoff.start()
+            try:
+                self._commit(rows)
+                return True
+            except (psycopg.DataError, psycopg.IntegrityError):
+                raise
+            except psycopg.Error as exc:
+                delay = backoff.failed()
+                log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
+                self.close()
+                if not self.sleep(delay):
+                    return False
+
+    def _commit(self, rows: list[Row]) -> None:
+        """Insert the rows in one transaction (_insert), connecting if need be."""
+        if self._db is None:
+            self._db = psycopg.connect(self.conninfo)
+        with self._db.transaction():
+            (stored,) = self._db.execute(
+                QUERIES["insert_orders"],
+                {
+                    "user_ids": [r[0] for r in rows],
+                    "numbers_of_items": [r[1] for r in rows],
+                    "total_amounts": [r[2] for r in rows],
+                    "message_ids": [r[3] for r in rows],
+                },
+            ).fetchone() or (None,)
+        if stored:
+            log.info(stored)  # one line per order, in one call per batch
+
+
+class Consumer:
+    """Moves orders from the queue to the table, one batch at a time.
+
+    run -> _consume (one connection) -> _declare, then _Store.store per batch.
+    """
+
+    def __init__(
+        self, params: pika.ConnectionParameters, queue: str, conninfo: str
+    ) -> None:
+        self.params, self.queue = params, queue
         self.stopping = False
-        self._db = None
+        self._conn: Any = None  # the connection being consumed from, or None
+        self._store = _Store(conninfo, self.sleep)
         self._check_only = False  # the broker refused to let us declare queues
 
-    def stop(self, signum=None, frame=None):
+    def stop(
+        self, signum: int | None = None, frame: types.FrameType | None = None
+    ) -> None:
         """Ask the consumer to finish its batch and exit (signal handler)."""
         if not self.stopping:
             log.info("stopping")
         self.stopping = True
 
-    def run(self):
-        """Consume until stopped, reconnecting to RabbitMQ with a capped back-off."""
-        delay = 0.5
+    def run(self) -> None:
+        """Consume until stopped (main), reconnecting (_consume) with a back-off."""
+        backoff = Backoff()
         while not self.stopping:
+            backoff.start()
             try:
                 self._consume(pika.BlockingConnection(self.params))
-                delay = 0.5
             except (AMQPError, OSError) as exc:
+                delay = backoff.failed()
                 log.warning("RabbitMQ unavailable (%s); retrying in %.1fs", exc, delay)
-                self._sleep(None, delay)
-                delay = min(delay * 2, MAX_BACKOFF)
-        if self._db is not None:
-            self._db.close()
+                self.sleep(delay)
+        self._store.close()
         log.info("billing stopped")
 
-    def _consume(self, conn):
-        """Declare the queues, then store batches until stopped or disconnected."""
+    def _consume(self, conn: Any) -> None:
+        """Declare the queues (_declare), then store batches until stopped or cut."""
+        self._conn = conn
         try:
             channel = self._declare(conn)
             channel.basic_qos(prefetch_count=PREFETCH)
             log.info("consuming from queue %s", self.queue)
-            batch, started = [], 0.0
+            batch: list[Message] = []
+            started = 0.0
             for method, properties, body in channel.consume(
                 self.queue, inactivity_timeout=BATCH_WAIT
             ):
@@ -317,17 +552,18 @@ class Consumer:
                 full = len(batch) >= BATCH_SIZE
                 late = batch and time.monotonic() - started >= BATCH_WAIT
                 if full or late or (batch and self.stopping):
-                    self._store(conn, channel, batch)
+                    self._store.store(channel, batch)
                     batch = []
                 if self.stopping:
                     break
             channel.cancel()  # requeues what was delivered but not taken
         finally:
+            self._conn = None
             if conn.is_open:
                 conn.close()
 
-    def _declare(self, conn):
-        """Declare both queues on a new channel and return it.
+    def _declare(self, conn: Any) -> Any:
+        """Declare both queues on a new channel (_consume) and return it.
 
         A user that may not declare them (billing's on the VMs may only
         consume) checks, on a second channel, that they exist.
@@ -350,153 +586,14 @@ class Consumer:
         channel.queue_declare(self.queue, durable=True, passive=True)
         return channel
 
-    def _store(self, conn, channel, batch):
-        """Store a batch; if it fails unexpectedly, store its messages one by one.
-
-        A message that fails again alone is dead-lettered with the error, so no
-        message can make billing fail in a loop.
-        """
-        try:
-            self._store_batch(conn, channel, batch)
-        except (AMQPError, OSError):
-            raise  # the broker went away (or fork failed): reconnect, retry
-        except Exception as exc:
-            if len(batch) == 1:
-                log.exception("storing message %r failed", batch[0][2].message_id)
-                self._settle(channel, batch, {batch[0][0]: f"billing failed: {exc!r}"})
-                return
-            log.exception("storing a batch failed; storing its orders one by one")
-            for message in batch:
-                self._store(conn, channel, [message])
-
-    def _store_batch(self, conn, channel, batch):
-        """Insert a batch, then dead-letter its bad messages and ack the rest."""
-        rows, dead = self._read(batch)
-        if rows and not self._insert_rows(conn, rows, dead):
-            return  # stopping while the database is down: leave all unacked
-        self._settle(channel, batch, dead)
-
-    def _read(self, batch):
-        """Parse a batch: ([(tag, values to insert)], {tag: dead-letter reason}).
-
-        A redelivered message was unsettled when a consumer stopped, maybe
-        because it killed or hung billing: those are parsed in a child process.
-        """
-        suspects = [(tag, p.message_id, body) for tag, again, p, body in batch if again]
-        verdicts = read_apart(suspects) if suspects else {}
-        # SIGALRM's default action ends the process: a parser stuck in a loop
-        # becomes a crash, and the message is a suspect when redelivered.
-        signal.alarm(PARSE_TIMEOUT)
-        try:
-            for tag, _, properties, body in batch:
-                if tag not in verdicts:
-                    verdicts[tag] = read_message(body, properties.message_id)
-        finally:
-            signal.alarm(0)
-        rows, dead, seen = [], {}, set()
-        for tag, _, properties, _ in batch:
-            message_id = properties.message_id
-            order, reason = verdicts[tag]
-            if reason is not None:
-                dead[tag] = reason
-            elif message_id is None or message_id not in seen:
-                seen.add(message_id)  # the same message twice in one batch: once
-                rows.append((tag, (*order, message_id)))
-        return rows, dead
-
-    def _insert_rows(self, conn, rows, dead):
-        """Commit the rows; those PostgreSQL refuses join `dead`. False if stopped.
-
-        Only a row refused for its values (a data or integrity error) is
-        dead-lettered; if every row of a batch is refused, the table is to blame:
-        wait and retry, as for an outage.
-        """
-        delay = 0.5
-        while True:
-            try:
-                return self._insert(conn, [values for _, values in rows])
-            except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                log.warning("batch refused (%s); storing its orders one by one", exc)
-            refused = {}
-            for tag, values in rows:
-                try:
-                    if not self._insert(conn, [values]):
-                        return False
-                except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                    refused[tag] = str(exc)
-            if len(rows) == 1 or len(refused) < len(rows):
-                dead.update(refused)
-                return True
-            log.warning(
-                "PostgreSQL refused all %d orders; retrying in %.1fs", len(rows), delay
-            )
-            if not self._sleep(conn, delay):
-                return False
-            delay = min(delay * 2, MAX_BACKOFF)
-
-    def _insert(self, conn, rows):
-        """Commit the rows, waiting out database outages; False if stopped.
-
-        Any error but a data or integrity error is an outage (server down, a
-        missing table, a revoked privilege, a read-only database): nothing is
-        dead-lettered for it.
-        """
-        delay = 0.5
-        while True:
-            try:
-                if self._db is None:
-                    self._db = psycopg.connect(self.conninfo)
-                with self._db.transaction():
-                    (stored,) = self._db.execute(
-                        QUERIES["insert_orders"],
-                        {
-                            "user_ids": [r[0] for r in rows],
-                            "numbers_of_items": [r[1] for r in rows],
-                            "total_amounts": [r[2] for r in rows],
-                            "message_ids": [r[3] for r in rows],
-                        },
-                    ).fetchone()
-                if stored:
-                    log.info(stored)  # one line per order, in one call per batch
-                return True
-            except (psycopg.DataError, psycopg.IntegrityError):
-                raise
-            except psycopg.Error as exc:
-                log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
-                if self._db is not None:
-                    self._db.close()
-                    self._db = None
-                if not self._sleep(conn, delay):
-                    return False
-                delay = min(delay * 2, MAX_BACKOFF)
-
-    def _settle(self, channel, batch, dead):
-        """Dead-letter the messages in `dead`, then ack the rest of the batch.
-
-        The nacks go first, and the one ack (multiple) goes to the last tag not
-        nacked: it covers only this batch's unsettled messages, never a tag
-        already nacked (the broker would close the channel for that).
-        """
-        for tag, _, properties, _ in batch:
-            if tag in dead:
-                log.warning(
-                    "rejected message %r: %s (dead-lettered)",
-                    properties.message_id,
-                    dead[tag],
-                )
-                channel.basic_nack(tag, requeue=False)
-        kept = [tag for tag, _, _, _ in batch if tag not in dead]
-        if kept:
-            channel.basic_ack(kept[-1], multiple=True)
-
-    def _sleep(self, conn, seconds):
+    def sleep(self, seconds: float) -> bool:
         """Wait, keeping the RabbitMQ connection alive; False if stopping."""
         deadline = time.monotonic() + seconds
         while not self.stopping and time.monotonic() < deadline:
-            if conn is None:
+            if self._conn is None:
                 time.sleep(0.1)
             else:
-                conn.sleep(0.1)
+                self._conn.sleep(0.1)
         return not self.stopping
 
 
@@ -523,23 +620,12 @@ def setup_logging(name, level):
 # --- end of shared: logging ---
 
 
-def main():
+def main() -> None:
     """Consume until SIGTERM or SIGINT, then exit 0."""
     config = load_config()
     setup_logging("billing", os.environ.get("LOG_LEVEL", "INFO"))
     logging.getLogger("pika").setLevel(logging.CRITICAL)
-    params = pika.ConnectionParameters(
-        host=config["RABBITMQ_HOST"],
-        port=int(config["RABBITMQ_PORT"]),
-        credentials=pika.PlainCredentials(
-            config["RABBITMQ_BILLING_USER"], config["RABBITMQ_BILLING_PASSWORD"]
-        ),
-        heartbeat=30,
-        socket_timeout=3,
-        stack_timeout=5,
-        connection_attempts=1,
-        client_properties={"connection_name": "billing"},
-    )
+    params = connection_parameters(config, "billing")
     conninfo = psycopg.conninfo.make_conninfo(
         host=config["BILLING_DB_HOST"],
         port=config["BILLING_DB_PORT"],

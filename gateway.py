@@ -39,6 +39,7 @@ import time
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
+from concurrent.futures import Future
 from decimal import Decimal
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
@@ -71,7 +72,6 @@ MAX_HEAD = 64 * 1024
 SHUTDOWN_GRACE = 3  # seconds for requests in flight at SIGTERM (PM2 kills at 5)
 MAX_CONNECTIONS = 512  # open client connections, one thread each
 PUBLISH_TIMEOUT = 4  # seconds to wait for RabbitMQ's confirm before 503
-ACCESS_REFUSED = 403  # AMQP reply code: the user lacks the right
 UPSTREAM_IDLE = 4  # seconds an idle upstream connection is kept (inventory: 10)
 # One line per request (method, path, status, duration, request id): at INFO
 # it cost W1 18% of its throughput (same-run bench), so LOG_LEVEL=DEBUG only.
@@ -159,12 +159,69 @@ def load_config():
     return {k: os.environ[k] for k in REQUIRED}
 
 
-def queue_arguments(queue):
-    """The billing queue's arguments; billing.py declares it identically."""
+# --- shared: amqp (identical in gateway.py, billing.py) ---
+ACCESS_REFUSED = 403  # AMQP reply code: the user lacks the right
+STACK_TIMEOUT = 5  # seconds a connection attempt may take, TCP to AMQP open
+BACKOFF_FIRST = 0.5  # seconds to wait after a failure
+BACKOFF_MAX = 5  # seconds between two attempts, at most
+BACKOFF_RESET = 2 * STACK_TIMEOUT  # an attempt that lasted this long had worked
+
+
+def queue_arguments(queue: str) -> dict[str, str]:
+    """The billing queue's arguments: what billing rejects goes to <queue>.dead."""
     return {
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": f"{queue}.dead",
     }
+
+
+def connection_parameters(
+    config: dict[str, str], service: str, **extra: Any
+) -> pika.ConnectionParameters:
+    """pika's settings for the service's RabbitMQ user, read from its config."""
+    prefix = f"RABBITMQ_{service.upper()}"
+    return pika.ConnectionParameters(
+        host=config["RABBITMQ_HOST"],
+        port=int(config["RABBITMQ_PORT"]),
+        credentials=pika.PlainCredentials(
+            config[f"{prefix}_USER"], config[f"{prefix}_PASSWORD"]
+        ),
+        heartbeat=30,
+        socket_timeout=3,
+        stack_timeout=STACK_TIMEOUT,
+        connection_attempts=1,
+        client_properties={"connection_name": service},
+        **extra,
+    )
+
+
+class Backoff:
+    """Doubling waits between attempts, capped; an attempt that lasted resets them.
+
+    start() as an attempt begins, failed() when it has ended: the wait is
+    BACKOFF_FIRST again if the attempt lasted BACKOFF_RESET seconds (longer
+    than any failed connection attempt), else twice the last, at most BACKOFF_MAX.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._started = clock()
+        self._next = BACKOFF_FIRST
+
+    def start(self) -> None:
+        """Note that an attempt begins (before connecting, say)."""
+        self._started = self._clock()
+
+    def failed(self) -> float:
+        """Seconds to wait before the next attempt, now that this one has ended."""
+        if self._clock() - self._started >= BACKOFF_RESET:
+            self._next = BACKOFF_FIRST
+        wait = self._next
+        self._next = min(wait * 2, BACKOFF_MAX)
+        return wait
+
+
+# --- end of shared: amqp ---
 
 
 # --- Errors and validation ---
@@ -412,90 +469,352 @@ class _Link:
 class _Outgoing:
     """One order on its way to RabbitMQ, and the future its request waits on."""
 
-    def __init__(self, future, body, properties):
+    def __init__(
+        self, future: Future[None], body: bytes, properties: pika.BasicProperties
+    ) -> None:
         self.future, self.body, self.properties = future, body, properties
         self.retried = False  # published again after declaring the queues
 
 
-class Publisher:
-    """Owns the RabbitMQ connection in one thread; others hand it messages.
+class _Confirms:
+    """The messages published on the channel and not yet confirmed by RabbitMQ.
 
-    Messages are published with `mandatory` on a confirming channel, and the
-    caller waits for RabbitMQ's ack: only then is an order safe. A message that
-    comes back unroutable (the queue was deleted) is published once more after
-    declaring the queues again. A user without the right to declare queues (the
-    gateway's on the VMs may only publish) checks that they exist instead.
+    A message that comes back unroutable (the queue was deleted) waits for the
+    queues to be declared again and is published once more; if it comes back
+    a second time, it fails.
     """
 
-    def __init__(self, params, queue):
-        self.params, self.queue = params, queue
-        self.ready = threading.Event()
-        self.problem = "connecting"  # why orders cannot be published now
-        self._stop = threading.Event()
-        self._thread = None
-        self._conn = None
-        self._channel = None
-        self._pending = {}  # delivery tag -> _Outgoing
-        self._waiting = []  # returned messages waiting for the queues' declaration
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.channel: Any = None  # the channel to publish on, once the queues exist
+        self.waiting: list[_Outgoing] = []  # returned, to publish once more
+        self._pending: dict[int, _Outgoing] = {}  # delivery tag -> message
         # Message ids RabbitMQ could not route, counted: two publishes of one
         # Idempotency-Key share a message id.
-        self._returned = collections.Counter()
+        self._returned: collections.Counter[str | None] = collections.Counter()
         self._tag = 0
-        self._was_ready = False
-        self._state = None  # (consumers, ready) of the queue, or why unknown
-        self._state_time = -QUEUE_STATE_AGE
-        self._state_lock = threading.Lock()
+
+    def restart(self) -> None:
+        """A new channel (_Session.on_channel_open): delivery tags start at 1 again."""
+        self._tag = 0
+
+    def send(self, outgoing: _Outgoing) -> None:
+        """Publish one message (ioloop thread, for Publisher.publish); settle() follows."""
+        if self.channel is None:
+            outgoing.future.set_exception(ConnectionError("not connected"))
+            return
+        self._tag += 1
+        self._pending[self._tag] = outgoing
+        try:
+            self.channel.basic_publish(
+                "", self.queue, outgoing.body, outgoing.properties, mandatory=True
+            )
+        except AMQPError as exc:
+            self._pending.pop(self._tag, None)
+            outgoing.future.set_exception(exc)
+
+    def on_return(
+        self, channel: Any, method: Any, properties: Any, body: bytes
+    ) -> None:
+        """pika: RabbitMQ could not route a message; its ack follows (settle)."""
+        self._returned[properties.message_id] += 1
+
+    def settle(self, frame: Any) -> bool:
+        """Settle what an ack or nack covers (_Session.on_delivery_confirmation).
+
+        True if a returned message has just started waiting: the queues must
+        be declared again, and resend() follows.
+        """
+        method = frame.method
+        if method.multiple:
+            tags = [t for t in self._pending if t <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        had_waiting = bool(self.waiting)
+        for tag in tags:
+            outgoing = self._pending.pop(tag, None)
+            if outgoing is None:
+                continue
+            message_id = outgoing.properties.message_id
+            if self._returned[message_id]:
+                self._returned -= collections.Counter([message_id])
+                if outgoing.retried:
+                    _fail(outgoing.future, "message was unroutable")
+                else:
+                    self.waiting.append(outgoing)
+            elif isinstance(method, Basic.Ack):
+                outgoing.future.set_result(None)
+            else:
+                _fail(outgoing.future, "message was nacked")
+        return bool(self.waiting) and not had_waiting
+
+    def resend(self) -> None:
+        """Publish the returned messages once more (the queues exist again)."""
+        waiting, self.waiting = self.waiting, []
+        for outgoing in waiting:
+            outgoing.retried = True
+            self.send(outgoing)
+
+    def fail_all(self, reason: str) -> None:
+        """Fail every unconfirmed publish (the caller answers 503)."""
+        waiting = [*self._pending.values(), *self.waiting]
+        self._pending, self.waiting = {}, []
+        self._returned.clear()
+        for outgoing in waiting:
+            _fail(outgoing.future, reason)
+
+
+def _fail(future: Future[Any], reason: object) -> None:
+    """Settle future with ConnectionError(reason), unless it is already settled."""
+    if not future.done():
+        future.set_exception(ConnectionError(getattr(reason, "reply_text", reason)))
+
+
+class _Session:
+    """The publisher's pika steps, from a connection to a channel taking orders.
+
+    on_connection_open -> on_channel_open -> on_confirm_ok -> on_dead_declareok
+    -> on_queue_declareok, as in pika's examples. A user that may not declare
+    queues (the gateway's on the VMs may only publish) checks that they exist.
+    """
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.ready = threading.Event()
+        self.problem = "connecting"  # why orders cannot be published now
+        self.conn: Any = None  # the connection being served, or None
+        self.confirms = _Confirms(queue)
         self._check_only = False  # the broker refused to let us declare queues
 
-    def start(self):
-        """Connect in a background thread, reconnecting until stop()."""
-        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
-        self._thread.start()
+    def connect(self, params: pika.ConnectionParameters, ioloop: IOLoop) -> None:
+        """Start opening a connection (Publisher._serve); on_connection_open follows."""
+        self.conn = pika.SelectConnection(
+            params,
+            on_open_callback=self.on_connection_open,
+            on_open_error_callback=self.on_connection_open_error,
+            on_close_callback=self.on_connection_closed,
+            custom_ioloop=ioloop,
+        )
 
-    def stop(self):
-        """Close the connection and end the thread (main() calls it at exit)."""
-        self._stop.set()
-        conn = self._conn
-        if conn is not None:
-            conn.ioloop.add_callback_threadsafe(self._close)
-        if self._thread is not None:
-            self._thread.join(5)
+    def close(self) -> None:
+        """Close the connection (ioloop thread, for Publisher.stop); the loop ends."""
+        conn = self.conn
+        if conn is not None and not (conn.is_closing or conn.is_closed):
+            conn.close()  # on_connection_closed or _open_error stops the ioloop
 
-    def status(self):
-        """None while orders can be published, else why not (for /health)."""
-        if self._thread is None or not self._thread.is_alive():
-            return "publisher not running"
-        return None if self.ready.is_set() else self.problem
+    def on_connection_open(self, conn: Any) -> None:
+        """pika: the connection is open; open a channel, on_channel_open follows."""
+        conn.channel(on_open_callback=self.on_channel_open)
 
-    def queue_state(self):
-        """(consumers, ready messages) of the queue, or why it cannot be read.
+    def on_connection_open_error(self, conn: Any, error: Exception) -> None:
+        """pika: the connection could not be opened; Publisher._run backs off."""
+        log.warning("RabbitMQ unreachable: %s", error)
+        self.problem = f"unreachable: {error}"
+        conn.ioloop.stop()
 
-        Read at most once per QUEUE_STATE_AGE, whoever asks: callers meanwhile
-        get the last reading, so /health cannot be used to hammer RabbitMQ.
+    def on_connection_closed(self, conn: Any, reason: Exception) -> None:
+        """pika: an open connection closed; Publisher._run reconnects."""
+        log.warning("RabbitMQ connection closed: %s", reason)
+        self.ready.clear()
+        self.problem = f"connection closed: {reason}"
+        conn.ioloop.stop()
+
+    def on_channel_open(self, channel: Any) -> None:
+        """pika: the channel is open; turn on confirms, on_confirm_ok follows."""
+        self.confirms.restart()
+        channel.add_on_close_callback(self.on_channel_closed)
+        channel.add_on_return_callback(self.confirms.on_return)
+        channel.confirm_delivery(
+            self.on_delivery_confirmation,
+            callback=functools.partial(self.on_confirm_ok, channel=channel),
+        )
+
+    def on_confirm_ok(self, frame: Any, channel: Any) -> None:
+        """pika: confirms are on; declare the queues, on_dead_declareok follows."""
+        self.declare(channel)
+
+    def declare(self, channel: Any) -> None:
+        """Declare the dead-letter queue (durable); on_dead_declareok follows.
+
+        Once the broker has refused a declaration, only check (passively) that
+        the queues exist: a missing queue then closes the channel (orders: 503).
         """
-        with self._state_lock:
-            if time.monotonic() - self._state_time >= QUEUE_STATE_AGE:
-                self._state = self._read_queue_state()
-                self._state_time = time.monotonic()
+        extra = {"passive": True} if self._check_only else {}
+        channel.queue_declare(
+            f"{self.queue}.dead",
+            durable=True,
+            **extra,
+            callback=functools.partial(self.on_dead_declareok, channel=channel),
+        )
+
+    def on_dead_declareok(self, frame: Any, channel: Any) -> None:
+        """pika: the dead-letter queue exists; declare the queue, then _declareok."""
+        extra: dict[str, Any] = {"arguments": queue_arguments(self.queue)}
+        if self._check_only:
+            extra = {"passive": True}
+        channel.queue_declare(
+            self.queue,
+            durable=True,
+            **extra,
+            callback=functools.partial(self.on_queue_declareok, channel=channel),
+        )
+
+    def on_queue_declareok(self, frame: Any, channel: Any) -> None:
+        """pika: both queues exist: take orders, send the returned ones once more."""
+        self.confirms.channel = channel
+        if not self.ready.is_set():
+            self.ready.set()
+            log.info("publishing to queue %s", self.queue)
+        self.confirms.resend()
+
+    def on_delivery_confirmation(self, frame: Any) -> None:
+        """pika: RabbitMQ acked or nacked; declare again if a message came back."""
+        if self.confirms.settle(frame) and self.confirms.channel is not None:
+            log.warning("queue %s is gone: declaring it again", self.queue)
+            self.declare(self.confirms.channel)
+
+    def on_channel_closed(self, channel: Any, reason: Exception) -> None:
+        """pika: the channel closed: reconnect, or if refused a declaration, check."""
+        self.ready.clear()
+        self.problem = f"channel closed: {reason}"
+        self.confirms.channel = None
+        self.confirms.fail_all("channel closed")
+        refused = getattr(reason, "reply_code", None) == ACCESS_REFUSED
+        conn = self.conn
+        if refused and not self._check_only and conn is not None and conn.is_open:
+            # A new channel at once (on_channel_open), which only checks.
+            log.info("may not declare queue %s: checking that it exists", self.queue)
+            self._check_only = True
+            conn.channel(on_open_callback=self.on_channel_open)
+            return
+        log.warning("RabbitMQ channel closed: %s", reason)
+        if conn is not None and conn.is_open:
+            conn.close()
+
+
+class _QueueProbe:
+    """Reads the queue's consumers and ready messages for /health.
+
+    At most once per QUEUE_STATE_AGE, whoever asks: callers meanwhile get the
+    last reading, so /health cannot be used to hammer RabbitMQ. It reads on a
+    channel of its own: if the queue is gone, RabbitMQ closes that one, not
+    the channel orders are published on.
+    """
+
+    def __init__(self, session: _Session) -> None:
+        self._session = session
+        self._state: tuple[int, int] | str = "not read yet"
+        self._time = -QUEUE_STATE_AGE
+        self._lock = threading.Lock()
+
+    def state(self) -> tuple[int, int] | str:
+        """(consumers, ready messages), or why unknown (Publisher.queue_state)."""
+        with self._lock:
+            if time.monotonic() - self._time >= QUEUE_STATE_AGE:
+                self._state = self._read()
+                self._time = time.monotonic()
             return self._state
 
-    def _read_queue_state(self):
-        """Ask the ioloop thread to read the queue; wait QUEUE_STATE_WAIT at most."""
-        future = concurrent.futures.Future()
-        conn = self._conn
-        if conn is None or not self.ready.is_set():
+    def _read(self) -> tuple[int, int] | str:
+        """Have the ioloop thread run open_channel; wait QUEUE_STATE_WAIT at most."""
+        future: Future[tuple[int, int]] = Future()
+        conn = self._session.conn
+        if conn is None or not self._session.ready.is_set():
             return "RabbitMQ not connected"
         try:
-            conn.ioloop.add_callback_threadsafe(lambda: self._probe(future))
+            conn.ioloop.add_callback_threadsafe(
+                functools.partial(self.open_channel, future)
+            )
             return future.result(timeout=QUEUE_STATE_WAIT)
         except concurrent.futures.TimeoutError:
             return "RabbitMQ did not answer in time"
         except (OSError, AMQPError) as exc:
             return str(exc)
 
-    def publish(self, body, message_id):
+    def open_channel(self, future: Future[tuple[int, int]]) -> None:
+        """Open the probe's channel (ioloop thread); on_channel_open follows."""
+        conn = self._session.conn
+        if conn is None or not conn.is_open:
+            _fail(future, "RabbitMQ not connected")
+            return
+        conn.channel(
+            on_open_callback=functools.partial(self.on_channel_open, future=future)
+        )
+
+    def on_channel_open(self, channel: Any, future: Future[tuple[int, int]]) -> None:
+        """pika: the probe's channel is open; declare passively, on_declareok next."""
+        channel.add_on_close_callback(
+            functools.partial(self.on_channel_closed, future=future)
+        )
+        channel.queue_declare(
+            self._session.queue,
+            passive=True,
+            callback=functools.partial(
+                self.on_declareok, channel=channel, future=future
+            ),
+        )
+
+    def on_declareok(
+        self, frame: Any, channel: Any, future: Future[tuple[int, int]]
+    ) -> None:
+        """pika: RabbitMQ told the queue's figures; close the channel, _closed next."""
+        if not future.done():
+            future.set_result((frame.method.consumer_count, frame.method.message_count))
+        channel.close()
+
+    def on_channel_closed(
+        self, channel: Any, reason: Exception, future: Future[tuple[int, int]]
+    ) -> None:
+        """pika: the probe's channel closed; fail the future, if not yet settled."""
+        _fail(future, reason)
+
+
+class Publisher:
+    """Owns the RabbitMQ connection in one thread; others hand it messages.
+
+    Messages are published with `mandatory` on a confirming channel, and the
+    caller waits for RabbitMQ's ack: only then is an order safe. _Session
+    holds the pika steps, _Confirms the unconfirmed messages, _QueueProbe
+    the queue's reading for /health.
+    """
+
+    def __init__(self, params: pika.ConnectionParameters, queue: str) -> None:
+        self.params, self.queue = params, queue
+        self._session = _Session(queue)
+        self.ready = self._session.ready
+        self._probe = _QueueProbe(self._session)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ioloop: IOLoop | None = None
+        self._lock = threading.Lock()  # guards _ioloop between _serve and stop()
+
+    def start(self) -> None:
+        """Connect in a background thread (_run), reconnecting until stop()."""
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Close the connection and end the thread (main() calls it at exit)."""
+        self._stop.set()
+        with self._lock:
+            if self._ioloop is not None:
+                self._ioloop.add_callback_threadsafe(self._session.close)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def status(self) -> str | None:
+        """None while orders can be published, else why not (for /health)."""
+        if self._thread is None or not self._thread.is_alive():
+            return "publisher not running"
+        return None if self.ready.is_set() else self._session.problem
+
+    def queue_state(self) -> tuple[int, int] | str:
+        """(consumers, ready messages) of the queue, or why it cannot be read."""
+        return self._probe.state()
+
+    def publish(self, body: bytes, message_id: str) -> None:
         """Publish body and wait for the confirm; ApiError 503 if it fails."""
-        future = concurrent.futures.Future()
+        future: Future[None] = Future()
         properties = pika.BasicProperties(
             content_type="application/json",
             delivery_mode=2,
@@ -503,11 +822,12 @@ class Publisher:
             timestamp=int(time.time()),
         )
         outgoing = _Outgoing(future, body, properties)
-        conn = self._conn
+        conn = self._session.conn
         if conn is None or not self.ready.is_set():
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "message broker unavailable")
         try:
-            conn.ioloop.add_callback_threadsafe(lambda: self._send(outgoing))
+            send = functools.partial(self._session.confirms.send, outgoing)
+            conn.ioloop.add_callback_threadsafe(send)
             future.result(timeout=PUBLISH_TIMEOUT)
         except concurrent.futures.TimeoutError:
             raise ApiError(
@@ -519,221 +839,38 @@ class Publisher:
                 HTTPStatus.SERVICE_UNAVAILABLE, "message broker did not take the order"
             ) from None
 
-    def _run(self):
-        """Connection loop: connect, serve the ioloop, back off, repeat.
+    def _run(self) -> None:
+        """The thread (start): _serve a connection, back off, repeat until stop().
 
-        Nothing ends it but stop(): an error while connecting (out of file
+        Nothing else ends it: an error while connecting (out of file
         descriptors, say) is logged and retried like a refused connection.
         """
-        delay = 0.5
+        backoff = Backoff()
         while not self._stop.is_set():
-            self._was_ready = False
+            backoff.start()
             try:
                 self._serve()
             except Exception as exc:
                 log.exception("publisher failed")
-                self.problem = f"publisher failed: {exc}"
+                self._session.problem = f"publisher failed: {exc}"
             self.ready.clear()
-            self._conn = self._channel = None
-            self._fail_all("connection lost")
-            delay = 0.5 if self._was_ready else min(delay * 2, 5)
-            self._stop.wait(delay)
+            self._session.confirms.channel = None
+            self._session.confirms.fail_all("connection lost")
+            self._stop.wait(backoff.failed())
 
-    def _serve(self):
-        """Open one connection and run its ioloop until the connection ends."""
-        ioloop = IOLoop()
+    def _serve(self) -> None:
+        """Open one connection (_Session.connect) and run its ioloop until it ends."""
+        with self._lock:  # stop() comes before this or finds the ioloop open
+            if self._stop.is_set():
+                return
+            ioloop = self._ioloop = IOLoop()
         try:
-            self._conn = pika.SelectConnection(
-                self.params,
-                on_open_callback=self._on_open,
-                on_open_error_callback=self._on_open_error,
-                on_close_callback=self._on_closed,
-                custom_ioloop=ioloop,
-            )
+            self._session.connect(self.params, ioloop)
             ioloop.start()
         finally:
-            self._conn = None
-            ioloop.close()  # its epoll and wake-up sockets, else leaked each time
-
-    def _close(self):
-        """Close the connection (stop() asks, in the ioloop thread)."""
-        conn = self._conn
-        if conn is not None and not (conn.is_closing or conn.is_closed):
-            conn.close()
-
-    def _on_open(self, conn):
-        """pika: the connection is open; open a channel next."""
-        conn.channel(on_open_callback=self._on_channel)
-
-    def _on_open_error(self, conn, error):
-        """pika: the connection could not be opened; _run backs off and retries."""
-        log.warning("RabbitMQ unreachable: %s", error)
-        self.problem = f"unreachable: {error}"
-        conn.ioloop.stop()
-
-    def _on_closed(self, conn, reason):
-        """pika: an open connection closed; _run reconnects."""
-        log.warning("RabbitMQ connection closed: %s", reason)
-        self.ready.clear()
-        self.problem = f"connection closed: {reason}"
-        conn.ioloop.stop()
-
-    def _on_channel(self, channel):
-        """pika: the channel is open; turn on confirms, then declare the queues."""
-        self._tag = 0
-        channel.add_on_close_callback(self._on_channel_closed)
-        channel.add_on_return_callback(self._on_return)
-        channel.confirm_delivery(
-            self._on_confirm,
-            callback=lambda _: self._declare(channel, lambda: self._on_ready(channel)),
-        )
-
-    def _declare(self, channel, then):
-        """Declare the dead-letter queue, then the queue (both durable); then then().
-
-        Once the broker has refused a declaration, only check (passively) that
-        both exist: a missing queue then closes the channel and orders get 503.
-        """
-        if self._check_only:
-            dead, main = {"passive": True}, {"passive": True}
-        else:
-            dead, main = {}, {"arguments": queue_arguments(self.queue)}
-        channel.queue_declare(
-            f"{self.queue}.dead",
-            durable=True,
-            **dead,
-            callback=lambda _: channel.queue_declare(
-                self.queue, durable=True, **main, callback=lambda _: then()
-            ),
-        )
-
-    def _on_ready(self, channel):
-        """The queues exist: take orders."""
-        self._channel = channel
-        self._was_ready = True
-        self.ready.set()
-        log.info("publishing to queue %s", self.queue)
-
-    def _on_channel_closed(self, channel, reason):
-        """pika: the channel closed (a failed declaration, say): reconnect.
-
-        A declaration refused for lack of rights opens a new channel at once,
-        which only checks that the queues exist.
-        """
-        self.ready.clear()
-        self.problem = f"channel closed: {reason}"
-        self._channel = None
-        self._fail_all("channel closed")
-        refused = getattr(reason, "reply_code", None) == ACCESS_REFUSED
-        conn = self._conn
-        if refused and not self._check_only and conn is not None and conn.is_open:
-            log.info("may not declare queue %s: checking that it exists", self.queue)
-            self._check_only = True
-            conn.channel(on_open_callback=self._on_channel)
-            return
-        log.warning("RabbitMQ channel closed: %s", reason)
-        if conn is not None and conn.is_open:
-            conn.close()
-
-    def _send(self, outgoing):
-        """Publish one message (runs in the ioloop thread)."""
-        if self._channel is None:
-            outgoing.future.set_exception(ConnectionError("not connected"))
-            return
-        self._tag += 1
-        self._pending[self._tag] = outgoing
-        try:
-            self._channel.basic_publish(
-                "", self.queue, outgoing.body, outgoing.properties, mandatory=True
-            )
-        except AMQPError as exc:
-            self._pending.pop(self._tag, None)
-            outgoing.future.set_exception(exc)
-
-    def _on_return(self, channel, method, properties, body):
-        """pika: RabbitMQ could not route a message (its ack follows)."""
-        self._returned[properties.message_id] += 1
-
-    def _on_confirm(self, frame):
-        """Settle the futures an ack or nack covers; retry returned ones once."""
-        method = frame.method
-        if method.multiple:
-            tags = [t for t in self._pending if t <= method.delivery_tag]
-        else:
-            tags = [method.delivery_tag]
-        for tag in tags:
-            outgoing = self._pending.pop(tag, None)
-            if outgoing is None:
-                continue
-            message_id = outgoing.properties.message_id
-            if self._returned[message_id]:
-                self._returned -= collections.Counter([message_id])
-                if outgoing.retried:
-                    outgoing.future.set_exception(
-                        ConnectionError("message was unroutable")
-                    )
-                else:
-                    self._redeclare(outgoing)
-            elif isinstance(method, Basic.Ack):
-                outgoing.future.set_result(None)
-            else:
-                outgoing.future.set_exception(ConnectionError("message was nacked"))
-
-    def _redeclare(self, outgoing):
-        """Declare the queues again (someone deleted them), then resend outgoing."""
-        self._waiting.append(outgoing)
-        if len(self._waiting) == 1:  # else a declaration is already on its way
-            log.warning("queue %s is gone: declaring it again", self.queue)
-            self._declare(self._channel, self._on_redeclared)
-
-    def _on_redeclared(self):
-        """The queues exist again: publish the returned messages once more."""
-        waiting, self._waiting = self._waiting, []
-        for outgoing in waiting:
-            outgoing.retried = True
-            self._send(outgoing)
-
-    def _probe(self, future):
-        """Open a channel to read the queue passively (ioloop thread).
-
-        A channel of its own: if the queue is gone, RabbitMQ closes this one,
-        not the channel orders are published on.
-        """
-        conn = self._conn
-        if conn is None or not conn.is_open:
-            future.set_exception(ConnectionError("RabbitMQ not connected"))
-            return
-        conn.channel(on_open_callback=lambda ch: self._on_probe_open(ch, future))
-
-    def _on_probe_open(self, channel, future):
-        """pika: the probe's channel is open; declare the queue passively."""
-        channel.add_on_close_callback(lambda _, reason: _fail(future, reason))
-        channel.queue_declare(
-            self.queue,
-            passive=True,
-            callback=lambda frame: self._on_probe_declareok(channel, frame, future),
-        )
-
-    def _on_probe_declareok(self, channel, frame, future):
-        """pika: RabbitMQ told the queue's figures; close the probe's channel."""
-        if not future.done():
-            future.set_result((frame.method.consumer_count, frame.method.message_count))
-        channel.close()
-
-    def _fail_all(self, reason):
-        """Fail every unconfirmed publish (the caller answers 503)."""
-        waiting = [*self._pending.values(), *self._waiting]
-        self._pending, self._waiting = {}, []
-        self._returned.clear()
-        for outgoing in waiting:
-            if not outgoing.future.done():
-                outgoing.future.set_exception(ConnectionError(reason))
-
-
-def _fail(future, reason):
-    """Settle future with a closed channel's reason, unless already settled."""
-    if not future.done():
-        future.set_exception(ConnectionError(getattr(reason, "reply_text", reason)))
+            with self._lock:
+                self._ioloop = self._session.conn = None
+                ioloop.close()  # its epoll and wake-up sockets, else leaked each time
 
 
 # --- Handlers ---
@@ -1450,19 +1587,7 @@ def main() -> None:
     config = load_config()
     setup_logging("gateway", os.environ.get("LOG_LEVEL", "INFO"))
     logging.getLogger("pika").setLevel(logging.CRITICAL)
-    params = pika.ConnectionParameters(
-        host=config["RABBITMQ_HOST"],
-        port=int(config["RABBITMQ_PORT"]),
-        credentials=pika.PlainCredentials(
-            config["RABBITMQ_GATEWAY_USER"], config["RABBITMQ_GATEWAY_PASSWORD"]
-        ),
-        heartbeat=30,
-        blocked_connection_timeout=10,
-        socket_timeout=3,
-        stack_timeout=5,
-        connection_attempts=1,
-        client_properties={"connection_name": "gateway"},
-    )
+    params = connection_parameters(config, "gateway", blocked_connection_timeout=10)
     publisher = Publisher(params, config["RABBITMQ_QUEUE"])
     publisher.start()
     upstream = Upstream(

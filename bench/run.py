@@ -159,11 +159,15 @@ def insert_floor(dbname, rows):
 
 def declare_queue(params, queue, purge=True):
     """Declare the queue pair as the services do; empty it or return its depth."""
-    dead = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{queue}.dead"}
+    sys.path.insert(0, str(REPO))
+    from billing import queue_arguments  # the one source, not a copy
+
     with pika.BlockingConnection(params) as conn:
         channel = conn.channel()
         channel.queue_declare(f"{queue}.dead", durable=True)
-        ok = channel.queue_declare(queue, durable=True, arguments=dead)
+        ok = channel.queue_declare(
+            queue, durable=True, arguments=queue_arguments(queue)
+        )
         if purge:
             channel.queue_purge(queue)
         return ok.method.message_count

@@ -427,8 +427,9 @@ ensure_billing_rabbitmq() {
 }
 
 # declare_billing_queues: the durable queue, dead-lettering to its dead-letter
-# queue, and that queue, declared as the services would declare them, by a
-# user that exists only meanwhile, with just the rights a declaration needs.
+# queue, and that queue, declared as the services would declare them (the
+# arguments come from billing.py), by a user that exists only meanwhile, with
+# just the rights a declaration needs.
 declare_billing_queues() {
   local user=movie-shop-provision password queue
   queue="$(regex_quote "$RABBITMQ_QUEUE")"
@@ -442,6 +443,10 @@ import os
 import sys
 
 import pika
+
+sys.dont_write_bytecode = True  # root writes no __pycache__ into the repository
+sys.path.insert(0, os.environ["REPO_DIR"])
+from billing import queue_arguments  # the one source, not a copy
 
 queue = os.environ["RABBITMQ_QUEUE"]
 dead = f"{queue}.dead"
@@ -458,11 +463,7 @@ try:
     with pika.BlockingConnection(params) as connection:
         channel = connection.channel()
         channel.queue_declare(dead, durable=True)
-        channel.queue_declare(
-            queue,
-            durable=True,
-            arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead},
-        )
+        channel.queue_declare(queue, durable=True, arguments=queue_arguments(queue))
 except pika.exceptions.ChannelClosedByBroker as exc:
     sys.exit(f"rabbitmq: {queue} exists with other settings ({exc}); "
              f"delete it with: sudo rabbitmqctl delete_queue {queue}")

@@ -431,18 +431,22 @@ class RecordingChannel:
 
 @pytest.mark.parametrize("second", ["routed", "returned"])
 def test_a_returned_publish_is_sent_once_more_after_declaring(second):
-    publisher = gateway.Publisher(params=None, queue="q")
-    publisher._channel = channel = RecordingChannel()
+    session = gateway.Publisher(params=None, queue="q")._session
+    session.confirms.channel = channel = RecordingChannel()
     future = concurrent.futures.Future()
     properties = pika.BasicProperties(message_id="m1", delivery_mode=2)
-    publisher._send(gateway._Outgoing(future, b"{}", properties))
-    publisher._on_return(channel, None, properties, b"{}")
-    publisher._on_confirm(types.SimpleNamespace(method=pika.spec.Basic.Ack(1)))
+    session.confirms.send(gateway._Outgoing(future, b"{}", properties))
+    session.confirms.on_return(channel, None, properties, b"{}")
+    session.on_delivery_confirmation(
+        types.SimpleNamespace(method=pika.spec.Basic.Ack(1))
+    )
     assert channel.declared == ["q.dead", "q"] and not future.done()
     assert channel.published == [("q", b"{}", "m1", True)] * 2
     if second == "returned":
-        publisher._on_return(channel, None, properties, b"{}")
-    publisher._on_confirm(types.SimpleNamespace(method=pika.spec.Basic.Ack(2)))
+        session.confirms.on_return(channel, None, properties, b"{}")
+    session.on_delivery_confirmation(
+        types.SimpleNamespace(method=pika.spec.Basic.Ack(2))
+    )
     if second == "returned":
         assert isinstance(future.exception(), ConnectionError)
     else:

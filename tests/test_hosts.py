@@ -901,9 +901,13 @@ def test_purge_on_a_host_then_provision_restores_it(three_hosts):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert on(BILLING_VM, "systemctl", "is-enabled", "pm2-root").strip() == "enabled"
     assert pm2_apps(BILLING_VM)["billing_app"][0] == "online"
-    wait_for(gateway_healthy, 90, "health 200 after provisioning billing-vm again")
+    helpers.wait_for(
+        gateway_healthy, 90, what="health 200 after provisioning billing-vm again"
+    )
     assert order(3000) == 200
-    wait_for(lambda: orders_of([3000]) == {3000: 1}, 60, "the new order stored")
+    helpers.wait_for(
+        lambda: orders_of([3000]) == {3000: 1}, 60, what="the new order stored"
+    )
     figure(
         f"purge billing-vm: {took:.0f} s, pm2-root, roles, databases, broker users,"
         " venvs and logs gone; provision again: app online, order stored"

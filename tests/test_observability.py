@@ -326,13 +326,13 @@ def test_health_says_whether_billing_consumes(procs, queue, movies_db, billing_d
 def test_health_reads_the_queue_at_most_about_once_a_second(queue):
     publisher = gateway_module.Publisher(helpers.rabbit_params(), queue)
     probes = []
-    real = publisher._probe
+    real = publisher._probe.open_channel
 
     def counted(future):
         probes.append(time.monotonic())
         real(future)
 
-    publisher._probe = counted
+    publisher._probe.open_channel = counted
     publisher.start()
     try:
         helpers.wait_for(publisher.ready.is_set, what="the publisher to connect")

@@ -49,13 +49,16 @@ def test_every_shared_block_is_identical_wherever_it_is_named():
     assert drift(texts) == []
 
 
-def test_the_services_share_their_logging_launch_and_http_code():
+def test_the_services_share_their_logging_launch_http_and_amqp_code():
     gateway = shared_blocks((ROOT / "gateway.py").read_text())
-    assert {"logging", "bind", "http"} <= set(gateway)
+    assert {"logging", "bind", "http", "amqp"} <= set(gateway)
     assert "def setup_logging(" in gateway["logging"][1]
     assert gateway["http"][0] == ("gateway.py", "inventory.py")
     for name in ("class ApiError", "class Server", "class Handler", "class Router"):
         assert name in gateway["http"][1], name
+    files, amqp = gateway["amqp"]
+    assert set(files) == {"gateway.py", "billing.py"}
+    assert "class Backoff" in amqp and "def queue_arguments(" in amqp
 
 
 @pytest.mark.parametrize(

@@ -159,20 +159,20 @@ def test_publisher_fails_every_returned_publish_of_one_message_id():
     # Two publishes share a message id (one Idempotency-Key); RabbitMQ returns
     # both (already published again after declaring the queue), then acks them
     # together: neither may be reported as stored.
-    publisher = gateway.Publisher(params=None, queue="q")
+    confirms = gateway._Confirms("q")
     futures = [concurrent.futures.Future() for _ in range(3)]
     properties = pika.BasicProperties(message_id="key:1:k")
-    publisher._pending = {
+    confirms._pending = {
         tag: gateway._Outgoing(future, b"{}", pika.BasicProperties(message_id=mid))
         for tag, future, mid in zip(
             (1, 2, 3), futures, ("key:1:k", "key:1:k", "o"), strict=True
         )
     }
-    for outgoing in publisher._pending.values():
+    for outgoing in confirms._pending.values():
         outgoing.retried = True
     for _ in range(2):
-        publisher._on_return(None, None, properties, b"{}")
+        confirms.on_return(None, None, properties, b"{}")
     ack = types.SimpleNamespace(method=pika.spec.Basic.Ack(3, multiple=True))
-    publisher._on_confirm(ack)
+    confirms.settle(ack)
     assert [type(f.exception()) for f in futures[:2]] == [ConnectionError] * 2
     assert futures[2].result() is None

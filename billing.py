@@ -601,7 +601,7 @@ class Consumer:
 
 
 # --- shared: logging (identical in gateway.py, inventory.py, billing.py) ---
-def setup_logging(name, level):
+def setup_logging(name: str, level: str) -> None:
     """Log DEBUG and INFO to stdout, WARNING and above to stderr (PM2's two files)."""
     out = logging.StreamHandler(sys.stdout)
     out.addFilter(lambda record: record.levelno < logging.WARNING)

@@ -150,7 +150,7 @@ REQUIRED = (
 )
 
 
-def load_config():
+def load_config() -> dict[str, str]:
     """Read settings from the environment (and .env); exit if any is missing."""
     load_dotenv(HERE / ".env")
     missing = [k for k in REQUIRED if not os.environ.get(k)]
@@ -227,12 +227,12 @@ class Backoff:
 # --- Errors and validation ---
 
 
-def _bad(message):
+def _bad(message: str) -> ApiError:
     """Return a 400 error."""
     return ApiError(HTTPStatus.BAD_REQUEST, message)
 
 
-def check_positive_int(value, field):
+def check_positive_int(value: object, field: str) -> int:
     """Accept a positive integer, as a JSON number or a string of digits."""
     if isinstance(value, str) and _INTEGER.fullmatch(value):
         value = int(value)
@@ -241,7 +241,7 @@ def check_positive_int(value, field):
     return value
 
 
-def check_amount(value, field):
+def check_amount(value: object, field: str) -> Decimal:
     """Accept an amount >= 0 with at most two decimals, as a number or string."""
     if isinstance(value, str) and _AMOUNT.fullmatch(value):
         value = Decimal(value)
@@ -257,7 +257,7 @@ def check_amount(value, field):
     return value
 
 
-def validate_order(data):
+def validate_order(data: dict[str, Any]) -> int:
     """Check an order object: exactly the three fields, each valid; its user_id."""
     unknown = sorted(set(data) - set(ORDER_FIELDS))
     if unknown:
@@ -271,7 +271,7 @@ def validate_order(data):
     return user_id
 
 
-def idempotency_key(headers):
+def idempotency_key(headers: Headers) -> str | None:
     """The request's Idempotency-Key header (or None); 400 if malformed."""
     keys = headers.get_all("Idempotency-Key") or []
     if len(keys) > 1:
@@ -294,7 +294,7 @@ def decode_object(body: bytes, what: str) -> dict[str, Any]:
     return data
 
 
-def _decimal(text):
+def _decimal(text: str) -> Decimal:
     """A JSON number with a fraction or exponent, as a Decimal; ValueError if absurd."""
     try:
         return Decimal(text)
@@ -1563,7 +1563,7 @@ def bind_or_exit(
 
 
 # --- shared: logging (identical in gateway.py, inventory.py, billing.py) ---
-def setup_logging(name, level):
+def setup_logging(name: str, level: str) -> None:
     """Log DEBUG and INFO to stdout, WARNING and above to stderr (PM2's two files)."""
     out = logging.StreamHandler(sys.stdout)
     out.addFilter(lambda record: record.levelno < logging.WARNING)

@@ -381,3 +381,260 @@ def test_any_answer_is_a_result_or_a_gateway_error(answer, method):
     if not isinstance(data, bytes):
         with contextlib.suppress(http.client.HTTPException):
             list(data)
+
+
+# --- The parts, one by one ---
+
+
+def reader(data):
+    return io.BytesIO(data)
+
+
+def test_write_request_with_and_without_body():
+    data = gateway.write_request("GET", "/x?a=1", "h:1", {"A": "1", "B": ""}, None)
+    assert data == b"GET /x?a=1 HTTP/1.1\r\nHost: h:1\r\nA: 1\r\nB: \r\n\r\n"
+    data = gateway.write_request("DELETE", "/x", "h:1", {}, b"ab")
+    assert data == b"DELETE /x HTTP/1.1\r\nHost: h:1\r\nContent-Length: 2\r\n\r\nab"
+
+
+def test_write_request_keeps_latin1_values():
+    data = gateway.write_request("GET", "/", "h", {"X-A": "caf\xe9"}, None)
+    assert b"X-A: caf\xe9\r\n" in data
+
+
+def test_read_head_gives_final_status_version_and_fields():
+    rfile = reader(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.0 404 \r\nX-A:  spaced value \t\r\nX-B:\r\n\r\nrest"
+    )
+    assert gateway.read_head(rfile) == (
+        404,
+        False,
+        [("X-A", "spaced value"), ("X-B", "")],
+    )
+    assert rfile.read() == b"rest"
+
+
+def test_read_head_takes_bare_newlines_and_no_reason():
+    rfile = reader(b"HTTP/1.1 200\nContent-Length: 0\n\n")
+    assert gateway.read_head(rfile) == (200, True, [("Content-Length", "0")])
+
+
+def test_read_head_tells_a_closed_connection_apart():
+    with pytest.raises(gateway.UpstreamClosed):
+        gateway.read_head(reader(b""))
+    with pytest.raises(gateway.UpstreamError) as err:
+        gateway.read_head(reader(b"HTTP/1.1 100 Continue\r\n\r\n"))
+    assert not isinstance(err.value, gateway.UpstreamClosed)
+
+
+@pytest.mark.parametrize("answer", BAD_HEADS.values(), ids=BAD_HEADS.keys())
+def test_bad_answers_fail_in_head_framing_or_body(answer):
+    rfile = reader(answer)
+    with pytest.raises(gateway.UpstreamError):
+        status, http11, fields = gateway.read_head(rfile)
+        framing, _ = gateway.body_framing("GET", status, http11, fields)
+        if framing == gateway.UNTIL_CLOSE:
+            gateway.read_until_close(rfile)
+        else:
+            gateway.read_length(rfile, framing)
+
+
+def test_head_at_the_size_limit_is_read_and_one_byte_more_is_not():
+    fill = gateway.MAX_UPSTREAM_HEAD - len(OK) - len(b"X-A: \r\n\r\n")
+    head = OK + b"X-A: " + b"a" * fill + b"\r\n\r\n"
+    assert gateway.read_head(reader(head))[0] == 200
+    with pytest.raises(gateway.UpstreamError):
+        gateway.read_head(reader(head[:-4] + b"a\r\n\r\n"))
+
+
+def fields(*pairs):
+    return [tuple(pair.split(": ")) for pair in pairs]
+
+
+@pytest.mark.parametrize(
+    "method, status, http11, pairs, expected",
+    [
+        ("GET", 200, True, ["Content-Length: 12"], (12, True)),
+        ("GET", 200, True, ["content-length: 0"], (0, True)),
+        ("GET", 200, True, ["Transfer-Encoding: Chunked"], ("chunked", True)),
+        ("GET", 200, True, [], ("until close", False)),
+        ("GET", 200, True, ["Content-Length: 2", "Connection: close"], (2, False)),
+        ("GET", 200, False, ["Content-Length: 2"], (2, False)),
+        ("GET", 200, False, ["Content-Length: 2", "Connection: Keep-Alive"], (2, True)),
+        (
+            "GET",
+            200,
+            True,
+            ["Connection: keep-alive, close", "Content-Length: 1"],
+            (1, False),
+        ),
+        ("HEAD", 200, True, ["Transfer-Encoding: chunked"], (0, True)),
+        ("HEAD", 200, True, [], (0, True)),
+        ("GET", 204, True, [], (0, True)),
+        ("POST", 304, True, ["Content-Length: 5"], (0, True)),
+        (
+            "HEAD",
+            200,
+            True,
+            ["Content-Length: 1", "Transfer-Encoding: chunked"],
+            (0, True),
+        ),
+    ],
+)
+def test_body_framing(method, status, http11, pairs, expected):
+    framing = gateway.body_framing(method, status, http11, fields(*pairs))
+    assert framing == expected
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        ["Content-Length: 1", "Content-Length: 1"],
+        ["Content-Length: 1", "Transfer-Encoding: chunked"],
+        ["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"],
+        ["Transfer-Encoding: gzip"],
+        ["Transfer-Encoding: chunked, gzip"],
+        ["Content-Length: 1,1"],
+        ["Content-Length: x"],
+        ["Content-Length: "],
+        ["Content-Length: \u0661"],
+        ["Content-Length: " + "9" * 19],
+    ],
+)
+def test_body_framing_refuses_ambiguity(pairs):
+    with pytest.raises(gateway.UpstreamError):
+        gateway.body_framing("GET", 200, True, fields(*pairs))
+
+
+def test_read_length_reads_exactly_and_refuses_short_or_oversized():
+    rfile = reader(b"abcdef")
+    assert gateway.read_length(rfile, 4) == b"abcd"
+    assert gateway.read_length(rfile, 0) == b""
+    with pytest.raises(gateway.UpstreamError):
+        gateway.read_length(rfile, 3)
+    with pytest.raises(gateway.UpstreamError):
+        gateway.read_length(reader(b"x"), gateway.MAX_UPSTREAM_BODY + 1)
+
+
+def test_read_until_close_and_its_limit():
+    assert gateway.read_until_close(reader(b"a\r\nb")) == b"a\r\nb"
+    big = b"x" * gateway.MAX_UPSTREAM_BODY
+    assert len(gateway.read_until_close(reader(big))) == len(big)
+    with pytest.raises(gateway.UpstreamError):
+        gateway.read_until_close(reader(big + b"x"))
+
+
+def drain(generator):
+    """(chunks, trailers) of a read_chunks generator."""
+    chunks = []
+    while True:
+        try:
+            chunks.append(next(generator))
+        except StopIteration as stop:
+            return chunks, stop.value
+
+
+def test_read_chunks_yields_chunks_and_returns_trailers():
+    rfile = reader(b"3;a=b\r\nabc\r\nA\r\n0123456789\r\n0\r\nT: 1\r\nU:2\r\n\r\nnext")
+    assert drain(gateway.read_chunks(rfile)) == (
+        [b"abc", b"0123456789"],
+        [("T", "1"), ("U", "2")],
+    )
+    assert rfile.read() == b"next"
+
+
+def test_read_chunks_is_lazy():
+    rfile = reader(b"1\r\na\r\n1\r\nb\r\n")  # no last chunk yet
+    chunks = gateway.read_chunks(rfile)
+    assert next(chunks) == b"a"
+    assert rfile.tell() == len(b"1\r\na\r\n")
+
+
+@pytest.mark.parametrize("body", BAD_CHUNKS.values(), ids=BAD_CHUNKS.keys())
+def test_read_chunks_refuses(body):
+    with pytest.raises(gateway.UpstreamError):
+        drain(gateway.read_chunks(reader(body)))
+
+
+# --- Any bytes: a result or UpstreamError, nothing else ---
+
+HEADS = st.lists(st.sampled_from(PIECES) | st.binary(max_size=6), max_size=12).map(
+    b"".join
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=200) | HEADS)
+def test_read_head_any_bytes(data):
+    try:
+        status, http11, pairs = gateway.read_head(reader(data))
+    except gateway.UpstreamError:
+        return
+    assert 200 <= status <= 599 and isinstance(http11, bool)
+    for name, value in pairs:
+        assert name and ":" not in name and not set(value) & set("\r\n\x00")
+
+
+FIELD_TEXT = st.text(
+    st.sampled_from("aZ09-:, \t\r\n\x00\xe9chunkedlosCNT"), max_size=20
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.sampled_from(["GET", "HEAD"]),
+    st.integers(100, 599),
+    st.booleans(),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["Content-Length", "Transfer-Encoding", "Connection"])
+            | FIELD_TEXT,
+            FIELD_TEXT,
+        ),
+        max_size=4,
+    ),
+)
+def test_body_framing_any_fields(method, status, http11, pairs):
+    try:
+        framing, keep = gateway.body_framing(method, status, http11, pairs)
+    except gateway.UpstreamError:
+        return
+    assert framing in (gateway.CHUNKED, gateway.UNTIL_CLOSE) or framing >= 0
+    assert isinstance(keep, bool)
+
+
+CHUNK_PIECES = [b"3\r\n", b"abc", b"\r\n", b"0\r\n", b"1;x=y\r\n", b"T: 1\r\n", b"a"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(st.sampled_from(CHUNK_PIECES) | st.binary(max_size=5), max_size=10).map(
+        b"".join
+    )
+)
+def test_read_chunks_any_bytes(data):
+    try:
+        chunks, trailers = drain(gateway.read_chunks(reader(data)))
+    except gateway.UpstreamError:
+        return
+    assert all(chunks) and sum(map(len, chunks)) <= len(data)
+    assert isinstance(trailers, list)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=100), st.integers(0, 120))
+def test_read_length_any_bytes(data, length):
+    try:
+        assert gateway.read_length(reader(data), length) == data[:length]
+    except gateway.UpstreamError:
+        assert len(data) < length
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=6), st.binary(max_size=9))
+def test_chunked_round_trip(chunks, after):
+    data = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    rfile = reader(data + after)
+    assert drain(gateway.read_chunks(rfile)) == (chunks, [])
+    assert rfile.read() == after

@@ -38,7 +38,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Generator
 from collections.abc import Iterator
+from collections.abc import Mapping
 from concurrent.futures import Future
 from decimal import Decimal
 from http import HTTPStatus
@@ -47,6 +49,7 @@ from pathlib import Path
 from socketserver import StreamRequestHandler
 from typing import Any
 from typing import NamedTuple
+from typing import Protocol
 from urllib.parse import parse_qs
 from urllib.parse import urlsplit
 
@@ -309,15 +312,163 @@ def _reject_constant(name: str) -> None:
 
 # --- Inventory upstream ---
 
+# Parsing never touches a socket, as in h11: write_request makes the bytes,
+# read_head reads the final head, body_framing says how the body ends, and one
+# reader per framing reads it. What breaks HTTP/1.1 raises UpstreamError.
+MAX_UPSTREAM_HEAD = 64 * 1024  # an answer's heads, 1xx included; its trailers
+MAX_UPSTREAM_BODY = 16 * 1024 * 1024  # a body of known length, a chunk, or to close
+CHUNKED = "chunked"
+UNTIL_CLOSE = "until close"
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\r\n]*)?\r?\n")
+_FIELD_LINE = re.compile(
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e\x80-\xff]*)\r?\n"
+)  # greedy, then rstrip: a lazy value costs 4 times as much
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?\r?\n")
+_LENGTH = re.compile(r"[0-9]{1,18}")
+
+Fields = list[tuple[str, str]]
+
+
+class UpstreamError(http.client.HTTPException):
+    """Inventory's answer is not HTTP/1.1 the gateway can relay."""
+
+
+class UpstreamClosed(UpstreamError):
+    """Inventory closed the connection before answering."""
+
+
+class _Reader(Protocol):
+    """A buffered binary reader: a socket's makefile("rb"), or io.BytesIO."""
+
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def write_request(
+    method: str, target: str, host: str, headers: Mapping[str, str], body: bytes | None
+) -> bytes:
+    """A request's bytes, head and body for one write; refuse CR, LF or NUL."""
+    head = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    for name, value in headers.items():
+        line = f"{name}: {value}"
+        if _CONTROL_IN_VALUE.search(line):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"cannot forward header {name}")
+        head.append(line)
+    if body is not None:
+        head.append(f"Content-Length: {len(body)}")
+    head.append("\r\n")  # joined: the blank line that ends the head
+    data = "\r\n".join(head).encode("latin-1")
+    return data + body if body else data
+
+
+def read_head(rfile: _Reader) -> tuple[int, bool, Fields]:
+    """Read up to the final answer's head: (status, HTTP/1.1?, fields); skip 1xx."""
+    left = MAX_UPSTREAM_HEAD
+    while True:
+        line = rfile.readline(left)
+        if not line and left == MAX_UPSTREAM_HEAD:
+            raise UpstreamClosed("closed before answering")
+        match = _STATUS_LINE.fullmatch(line)
+        if match is None:
+            raise UpstreamError(f"bad status line {line[:80]!r}")
+        fields, left = read_fields(rfile, left - len(line))
+        status = int(match[2])
+        if status >= 200:
+            return status, match[1] == b"1", fields
+        if status == 101:
+            raise UpstreamError("inventory switched protocols")
+
+
+def read_fields(rfile: _Reader, left: int) -> tuple[Fields, int]:
+    """Read header (or trailer) lines up to a blank one, within left bytes."""
+    fields: Fields = []
+    while True:
+        line = rfile.readline(left)
+        left -= len(line)
+        if line == b"\r\n" or line == b"\n":
+            return fields, left
+        match = _FIELD_LINE.fullmatch(line)
+        if match is None:
+            raise UpstreamError(f"bad header line {line[:80]!r}")
+        name, value = match.groups()
+        fields.append((name.decode("latin-1"), value.decode("latin-1").rstrip(" \t")))
+
+
+def body_framing(
+    method: str, status: int, http11: bool, fields: Fields
+) -> tuple[int | str, bool]:
+    """How the body ends (its length, CHUNKED or UNTIL_CLOSE); keep the connection?"""
+    length = coding = None
+    keep = http11
+    for name, value in fields:
+        lower = name.lower()
+        if lower == "content-length":
+            if length is not None:
+                raise UpstreamError("two Content-Length fields")
+            length = value
+        elif lower == "transfer-encoding":
+            if coding is not None:
+                raise UpstreamError("two Transfer-Encoding fields")
+            coding = value
+        elif lower == "connection":
+            tokens = [token.strip().lower() for token in value.split(",")]
+            keep = "close" not in tokens and (http11 or "keep-alive" in tokens)
+    if method == "HEAD" or status in (204, 304):
+        return 0, keep  # no body, whatever the fields announce
+    if coding is not None:
+        if length is not None or coding.lower() != CHUNKED:
+            raise UpstreamError(f"framing refused: {coding}, length {length}")
+        return CHUNKED, keep
+    if length is None:
+        return UNTIL_CLOSE, False
+    if not _LENGTH.fullmatch(length):
+        raise UpstreamError(f"bad Content-Length {length[:80]!r}")
+    return int(length), keep
+
+
+def read_length(rfile: _Reader, length: int) -> bytes:
+    """Read a body of exactly length bytes."""
+    if length > MAX_UPSTREAM_BODY:
+        raise UpstreamError(f"body of {length} bytes is over {MAX_UPSTREAM_BODY}")
+    data = rfile.read(length)
+    if len(data) < length:
+        raise UpstreamError(f"body cut short at {len(data)} of {length} bytes")
+    return data
+
+
+def read_until_close(rfile: _Reader) -> bytes:
+    """Read a body that ends when inventory closes the connection."""
+    data = rfile.read(MAX_UPSTREAM_BODY + 1)
+    if len(data) > MAX_UPSTREAM_BODY:
+        raise UpstreamError(f"body over {MAX_UPSTREAM_BODY} bytes")
+    return data
+
+
+def read_chunks(rfile: _Reader) -> Generator[bytes, None, Fields]:
+    """Yield a chunked body's chunks as they come; return its trailers."""
+    while True:
+        line = rfile.readline(MAX_UPSTREAM_HEAD)
+        match = _CHUNK_SIZE.fullmatch(line)
+        if match is None:
+            raise UpstreamError(f"bad chunk size line {line[:80]!r}")
+        size = int(match[1], 16)
+        if size == 0:
+            return read_fields(rfile, MAX_UPSTREAM_HEAD)[0]
+        data = read_length(rfile, size)
+        if rfile.read(2) != b"\r\n":
+            raise UpstreamError("chunk longer than its size, or cut short")
+        yield data
+
 
 class Upstream:
     """Keep-alive HTTP connections to inventory, shared by request threads."""
 
-    def __init__(self, host, port, timeout):
+    def __init__(self, host: str, port: int, timeout: float) -> None:
         self.host, self.port, self.timeout = host, port, timeout
-        self._idle = collections.deque()  # (connection, last used), newest last
+        self._idle: collections.deque[tuple[_Link, float]] = collections.deque()
 
-    def _connect(self):
+    def _connect(self) -> _Link:
         """Open a new connection; raise ApiError 502 when inventory is down."""
         try:
             sock = socket.create_connection((self.host, self.port), self.timeout)
@@ -327,7 +478,7 @@ class Upstream:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _Link(sock)
 
-    def _take(self):
+    def _take(self) -> _Link | None:
         """Reuse the most recent idle connection, or None."""
         while True:
             try:
@@ -338,126 +489,76 @@ class Upstream:
                 return conn
             conn.close()
 
-    def request(self, method, path, body, headers):
-        """Send one request; return (status, headers, body)."""
+    def request(
+        self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> tuple[int, Fields, bytes | Iterator[bytes]]:
+        """Send one request; return (status, headers, body or its chunks)."""
+        data = write_request(method, path, f"{self.host}:{self.port}", headers, body)
         conn = self._take()
         if conn is not None:
             try:
-                return self._exchange(conn, method, path, body, headers)
-            except (http.client.RemoteDisconnected, ConnectionError):
+                return self._exchange(conn, method, data)
+            except (UpstreamClosed, ConnectionError):
                 conn.close()  # went stale while idle: retry once on a fresh one
         conn = self._connect()
         try:
-            return self._exchange(conn, method, path, body, headers)
-        except (http.client.RemoteDisconnected, ConnectionError) as exc:
+            return self._exchange(conn, method, data)
+        except (UpstreamClosed, ConnectionError) as exc:
             conn.close()
             log.warning("inventory dropped the connection: %s", exc)
             raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory failed") from None
 
-    def _exchange(self, conn, method, path, body, headers):
-        """Send on conn in one write and read the whole answer; keep conn if reusable."""
-        head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
-        for name, value in headers.items():
-            if _CONTROL_IN_VALUE.search(value):
-                raise ApiError(HTTPStatus.BAD_REQUEST, f"cannot forward header {name}")
-            head.append(f"{name}: {value}")
-        if body is not None:
-            head.append(f"Content-Length: {len(body)}")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
+    def _exchange(
+        self, conn: _Link, method: str, data: bytes
+    ) -> tuple[int, Fields, bytes | Iterator[bytes]]:
+        """Send data in one write and read the answer; keep conn if reusable."""
         try:
             conn.sock.sendall(data)
-            status, pairs = _read_head(conn.rfile)
-            while 100 <= status < 200:  # interim answers: the final one follows
-                if status == 101:
-                    raise ValueError("inventory switched protocols")
-                status, pairs = _read_head(conn.rfile)
-            length, chunked, close = None, False, False
-            for name, value in pairs:
-                lower = name.lower()
-                if lower == "content-length":
-                    length = int(value)
-                elif lower == "transfer-encoding":
-                    chunked = "chunked" in value.lower()
-                elif lower == "connection":
-                    close = "close" in value.lower()
-            if method == "HEAD" or status in (204, 304):
-                data = b""  # no body, whatever the headers announce
-            elif chunked:
-                return status, pairs, self._relay(conn, close)
-            elif length is None:
-                data, close = conn.rfile.read(), True
+            status, http11, fields = read_head(conn.rfile)
+            framing, keep = body_framing(method, status, http11, fields)
+            if framing == CHUNKED:
+                return status, fields, self._relay(conn, keep)
+            if isinstance(framing, int):
+                body = read_length(conn.rfile, framing)
             else:
-                data = conn.rfile.read(length)
-                if len(data) < length:
-                    raise http.client.IncompleteRead(data, length - len(data))
+                body = read_until_close(conn.rfile)
         except TimeoutError:
             conn.close()
             raise ApiError(HTTPStatus.GATEWAY_TIMEOUT, "inventory timed out") from None
-        except (http.client.RemoteDisconnected, ConnectionError):
-            raise
-        except (OSError, ValueError, IndexError, http.client.HTTPException) as exc:
+        except (UpstreamClosed, ConnectionError):
+            raise  # request decides: retry or 502
+        except (OSError, UpstreamError) as exc:
             conn.close()
             log.warning("inventory failed: %s", exc)
             raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory failed") from None
-        self._release(conn, close)
-        return status, pairs, data
+        self._release(conn, keep)
+        return status, fields, body
 
-    def _release(self, conn, close):
-        """Keep conn for the next request unless the server is closing it."""
-        if close:
-            conn.close()
-        else:
+    def _release(self, conn: _Link, keep: bool) -> None:
+        """Keep conn for the next request, unless it is to be closed."""
+        if keep:
             self._idle.append((conn, time.monotonic()))
+        else:
+            conn.close()
 
-    def _relay(self, conn, close):
-        """Yield a chunked answer's chunks as they come, then release conn."""
+    def _relay(self, conn: _Link, keep: bool) -> Iterator[bytes]:
+        """Yield the chunks as they come; raise UpstreamError or OSError mid-way."""
         complete = False
         try:
-            while True:
-                line = conn.rfile.readline(65537)
-                try:
-                    size = int(line.split(b";")[0], 16)
-                except ValueError:
-                    raise http.client.IncompleteRead(b"") from None
-                if size == 0:
-                    while conn.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    break
-                data = conn.rfile.read(size)
-                conn.rfile.readline(65537)
-                if len(data) < size:
-                    raise http.client.IncompleteRead(data, size - len(data))
-                yield data
+            yield from read_chunks(conn.rfile)
             complete = True
         finally:
-            if complete:
-                self._release(conn, close)
-            else:
-                conn.close()
-
-
-def _read_head(rfile):
-    """Read a status line and its headers: (status, [(name, value)])."""
-    line = rfile.readline(65537)
-    if not line:
-        raise http.client.RemoteDisconnected("no status line")
-    status, pairs = int(line.split(None, 2)[1]), []
-    while True:
-        line = rfile.readline(65537)
-        if line in (b"\r\n", b"\n", b""):
-            return status, pairs
-        name, _, value = line.decode("latin-1").partition(":")
-        pairs.append((name.strip(), value.strip()))
+            self._release(conn, keep and complete)
 
 
 class _Link:
     """One keep-alive socket to inventory with a buffered reader."""
 
-    def __init__(self, sock):
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.rfile = sock.makefile("rb")
 
-    def close(self):
+    def close(self) -> None:
         """Close the reader and the socket."""
         self.rfile.close()
         self.sock.close()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test. Sets up what the tests need on a Debian/Ubuntu machine
 # (packages, the test virtualenv, npm tools), brings the local stack up with
-# ./scripts/up.sh (safe when it is already up), then runs ruff and pytest.
+# ./scripts/up.sh (safe when it is already up), then runs ruff, mypy and pytest.
 # Extra arguments go to pytest, e.g. ./scripts/test.sh -k billing
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -37,6 +37,9 @@ start_rabbitmq
 log "ruff"
 venv/dev/bin/ruff check .
 venv/dev/bin/ruff format --check .
+
+log "mypy"
+venv/dev/bin/mypy
 
 log "pytest"
 exec venv/dev/bin/python -m pytest tests -ra "$@"

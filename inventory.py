@@ -180,14 +180,18 @@ class Database:
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
         """Lend a pooled connection; 503 when none comes within DB_WAIT."""
         try:
-            with self.pool.connection() as conn:
+            conn = self.pool.getconn()
+            with self._lock:
+                self._lent += 1
+            try:
+                yield conn
+            finally:
                 with self._lock:
-                    self._lent += 1
-                try:
-                    yield conn
-                finally:
-                    with self._lock:
-                        self._lent -= 1
+                    self._lent -= 1
+                # Not pool.connection(): its `with conn` ends a transaction,
+                # never open here (autocommit), yet costs a wait() while the
+                # connection is held, and hold time bounds the pool's rate.
+                self.pool.putconn(conn)
         except PoolTimeout:
             if self._lent < POOL_SIZE:
                 log.warning("database unavailable: no connection in %s s", DB_WAIT)

@@ -45,6 +45,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "results"
 ORDER = b'{"user_id": 20, "number_of_items": 3, "total_amount": "25.50"}'
+GUEST = "guest"  # RabbitMQ's own user and password, admitted from loopback only
 BILLING_BATCH = 500  # billing.py's BATCH_SIZE
 APPS = {
     "inventory": "inventory_app",
@@ -247,6 +248,10 @@ class Stack:
                 INVENTORY_DB_NAME="bench_movies", BILLING_DB_NAME="bench_billing"
             )
             env.update(RABBITMQ_QUEUE="bench_queue", MALLOC_ARENA_MAX="2")
+            # The services' broker users may only use billing_queue: here the
+            # services log in as guest, which RabbitMQ admits from loopback only.
+            for user in ("RABBITMQ_GATEWAY", "RABBITMQ_BILLING"):
+                env.update({f"{user}_USER": GUEST, f"{user}_PASSWORD": GUEST})
             env.update(GATEWAY_PORT=str(free_port()), INVENTORY_PORT=str(free_port()))
             for name in ("GATEWAY", "INVENTORY", "BILLING", "RABBITMQ"):
                 env[f"{name}_HOST"] = "127.0.0.1"
@@ -259,7 +264,7 @@ class Stack:
         self.inventory = f"http://127.0.0.1:{env['INVENTORY_PORT']}"
         # The services' users may not declare or purge queues: the benchmark
         # uses the broker's own guest, which logs in from this machine only.
-        login = pika.PlainCredentials("guest", "guest")
+        login = pika.PlainCredentials(GUEST, GUEST)
         port = int(env["RABBITMQ_PORT"])
         self.mq = pika.ConnectionParameters("127.0.0.1", port, credentials=login)
 

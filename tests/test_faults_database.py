@@ -1,10 +1,9 @@
 """PostgreSQL restarted or stopped: billing loses nothing, inventory answers 503.
 
-It stops PostgreSQL: run it under the team's lock so that nobody else's run
-is hit by the outage:
+It stops PostgreSQL: run no other test suite meanwhile
+(it would be hit by the outage):
 
-    flock /tmp/team/services.lock venv/dev/bin/python -m pytest -q \
-        tests/test_faults_database.py -s
+    sudo ./scripts/test.sh -k faults_database
 """
 
 import concurrent.futures

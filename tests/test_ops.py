@@ -115,3 +115,15 @@ def test_bench_chart_is_svg_with_each_row_beside_its_floor():
     assert "W1: GET /api/movies/<id> via the gateway" in texts
     assert "(200%)" in texts  # W1 at 1,000 against W1d at 500
     assert "usual" not in texts and "MET" not in texts
+
+
+def test_bench_own_stack_logs_the_services_in_as_guest():
+    # The services' broker users may only use billing_queue, not bench_queue:
+    # with them, billing could not drain the benchmark's backlog.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
+
+    env = run.Stack(own=True).env
+    assert env["RABBITMQ_QUEUE"] != "billing_queue"
+    for user in ("RABBITMQ_GATEWAY", "RABBITMQ_BILLING"):
+        assert env[f"{user}_USER"] == env[f"{user}_PASSWORD"] == "guest"

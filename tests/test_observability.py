@@ -218,6 +218,8 @@ def test_one_order_followed_through_the_three_logs(procs, queue, movies_db, orde
         gateway_port,
     )
     billing = procs("billing", helpers.billing_env(queue))
+    # The port opens before the publisher has connected.
+    health_where(gateway, lambda b: b["rabbitmq"] == "ok", "the gateway to connect")
     _, headers, _ = helpers.call(gateway.url, "GET", "/api/movies/987654321")
     movie_rid = request_id(headers)
     status, headers, body = helpers.call(

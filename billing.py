@@ -50,14 +50,19 @@ HERE = Path(__file__).resolve().parent
 PREFETCH = 1000  # unacked messages RabbitMQ may hand us at once
 BATCH_SIZE = 500  # orders per INSERT and per ack
 BATCH_WAIT = 0.05  # seconds a partial batch may wait for more messages
-MAX_DB_INT = 2**31 - 1
 MAX_MESSAGE_ID = 255
-MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
-MAX_BODY = 64 * 1024  # bytes; the gateway takes no larger order, one is ~80 bytes
 PARSE_TIMEOUT = 5  # seconds to parse a message (or batch); a hang beyond is a crash
+
+# --- shared: order (identical in gateway.py, billing.py) ---
+# What an order is: both check it, the gateway before publishing and billing
+# before storing (billing_schema.sql: integer columns, numeric(12, 2)).
+MAX_ORDER_BODY = 64 * 1024  # bytes; one order is ~80
+MAX_DB_INT = 2**31 - 1
+MAX_AMOUNT = Decimal("9999999999.99")
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
 _INTEGER = re.compile(r"[0-9]{1,10}")
 _AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
+# --- end of shared: order ---
 
 Order = tuple[int, int, Decimal]  # user_id, number_of_items, total_amount
 Verdict = tuple[Order | None, str | None]  # (order, None) or (None, why dead)
@@ -208,8 +213,8 @@ def check_amount(value: object, field: str) -> Decimal:
 
 def parse_order(body: bytes) -> Order:
     """Turn a message body into (user_id, number_of_items, total_amount)."""
-    if len(body) > MAX_BODY:
-        raise InvalidOrder(f"body over {MAX_BODY} bytes")
+    if len(body) > MAX_ORDER_BODY:
+        raise InvalidOrder(f"body over {MAX_ORDER_BODY} bytes")
     try:
         data = json.loads(
             body, parse_float=_parse_decimal, parse_constant=_reject_constant

@@ -65,9 +65,6 @@ HERE = Path(__file__).resolve().parent
 SPEC_FILE = HERE / "openapi.yaml"
 DOCS_ASSETS = HERE / "node_modules" / "swagger-ui-dist"
 MAX_PROXY_BODY = 1024 * 1024  # inventory's own limit
-MAX_ORDER_BODY = 64 * 1024
-MAX_DB_INT = 2**31 - 1
-MAX_AMOUNT = Decimal("9999999999.99")  # numeric(12, 2)
 REQUEST_TIMEOUT = 10  # seconds a client has to send a whole request
 # A request line and headers together; browsers and curl stay under 16 KiB
 # (nginx refuses beyond 32 KiB by default), so only an abuse reaches it.
@@ -98,12 +95,20 @@ HOP_BY_HOP = {
     "x-request-id",  # replaced by this request's own id
 }
 DROP_FROM_UPSTREAM = HOP_BY_HOP | {"server", "date"}
-ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
-_INTEGER = re.compile(r"[0-9]{1,10}")
-_AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
 _CONTROL_IN_VALUE = re.compile(r"[\r\n\x00]")  # never forwarded raw
 _ASSET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # visible ASCII
+
+# --- shared: order (identical in gateway.py, billing.py) ---
+# What an order is: both check it, the gateway before publishing and billing
+# before storing (billing_schema.sql: integer columns, numeric(12, 2)).
+MAX_ORDER_BODY = 64 * 1024  # bytes; one order is ~80
+MAX_DB_INT = 2**31 - 1
+MAX_AMOUNT = Decimal("9999999999.99")
+ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
+_INTEGER = re.compile(r"[0-9]{1,10}")
+_AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
+# --- end of shared: order ---
 
 DOCS_PAGE = """<!doctype html>
 <html lang="en">

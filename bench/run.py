@@ -46,7 +46,6 @@ REPO = BENCH.parent
 RESULTS = BENCH / "results"
 ORDER = b'{"user_id": 20, "number_of_items": 3, "total_amount": "25.50"}'
 GUEST = "guest"  # RabbitMQ's own user and password, admitted from loopback only
-BILLING_BATCH = 500  # billing.py's BATCH_SIZE
 APPS = {
     "inventory": "inventory_app",
     "billing": "billing_app",
@@ -133,7 +132,10 @@ def seed_movies(dbname, count=1000):
 
 
 def insert_floor(dbname, rows):
-    """Rows/s of billing's own insert_orders, 500 a statement, one commit each."""
+    """Rows/s of billing's own insert_orders, a batch a statement, one commit each."""
+    sys.path.insert(0, str(REPO))
+    from billing import BATCH_SIZE  # the one source, not a copy
+
     sql = (REPO / "sql" / "billing_queries.sql").read_text()
     sql = sql.split("-- name: insert_orders", 1)[1].split("-- name:", 1)[0]
     sql = "\n".join(line for line in sql.splitlines() if not line.startswith("--"))
@@ -143,7 +145,7 @@ def insert_floor(dbname, rows):
         conn.execute("CREATE TABLE orders_floor (LIKE orders INCLUDING ALL)")
         started, done = time.monotonic(), 0
         while done < rows:
-            n = min(BILLING_BATCH, rows - done)
+            n = min(BATCH_SIZE, rows - done)
             batch = {"user_ids": [20] * n, "numbers_of_items": [3] * n}
             batch["total_amounts"] = ["25.50"] * n
             batch["message_ids"] = [uuid.uuid4().hex for _ in range(n)]

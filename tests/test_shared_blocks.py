@@ -59,6 +59,9 @@ def test_the_services_share_their_logging_launch_http_and_amqp_code():
     files, amqp = gateway["amqp"]
     assert set(files) == {"gateway.py", "billing.py"}
     assert "class Backoff" in amqp and "def queue_arguments(" in amqp
+    files, order = gateway["order"]
+    assert set(files) == {"gateway.py", "billing.py"}
+    assert "MAX_AMOUNT =" in order and "ORDER_FIELDS =" in order
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import gateway
 import inventory
+from inventory import POOL_SIZE
 
 MIB = 1024 * 1024
 ORDER = {"user_id": 1, "number_of_items": 2, "total_amount": "3.50"}
@@ -258,14 +259,15 @@ def test_exhausted_pool_is_503_busy_not_unavailable(inventory, clean_movies):
     with helpers.admin_connect(clean_movies) as admin:
         admin.execute("BEGIN")
         admin.execute("LOCK TABLE movies IN ACCESS EXCLUSIVE MODE")
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        with concurrent.futures.ThreadPoolExecutor(POOL_SIZE) as pool:
             held = [
-                pool.submit(helpers.call, inventory.url, "GET", path) for _ in range(4)
+                pool.submit(helpers.call, inventory.url, "GET", path)
+                for _ in range(POOL_SIZE)
             ]
-            time.sleep(0.5)
+            time.sleep(1)
             status, headers, body = helpers.call(inventory.url, "GET", path)
             admin.execute("ROLLBACK")
-            assert [f.result()[0] for f in held] == [200] * 4
+            assert [f.result()[0] for f in held] == [200] * POOL_SIZE
     assert status == 503 and body == {"error": "database busy, try again"}
     assert headers["Retry-After"] == "1"
 

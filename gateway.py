@@ -598,9 +598,14 @@ class _Outgoing:
     """One order on its way to RabbitMQ, and the future its request waits on."""
 
     def __init__(
-        self, future: Future[None], body: bytes, properties: pika.BasicProperties
+        self,
+        future: Future[None],
+        body: bytes,
+        properties: pika.BasicProperties,
+        request_id: str = "-",
     ) -> None:
         self.future, self.body, self.properties = future, body, properties
+        self.request_id = request_id  # for the log line once RabbitMQ confirms
         self.retried = False  # published again after declaring the queues
 
 
@@ -658,7 +663,7 @@ class _Confirms:
             tags = [t for t in self._pending if t <= method.delivery_tag]
         else:
             tags = [method.delivery_tag]
-        had_waiting = bool(self.waiting)
+        had_waiting, published = bool(self.waiting), []
         for tag in tags:
             outgoing = self._pending.pop(tag, None)
             if outgoing is None:
@@ -672,8 +677,15 @@ class _Confirms:
                     self.waiting.append(outgoing)
             elif isinstance(method, Basic.Ack):
                 outgoing.future.set_result(None)
+                published.append(
+                    f"order {message_id} published, request {outgoing.request_id}"
+                )
             else:
                 _fail(outgoing.future, "message was nacked")
+        if published:
+            # One line per order in one call per ack: a log call from each
+            # request thread cost a third of the gateway's CPU per order.
+            log.info("\n".join(published))
         return bool(self.waiting) and not had_waiting
 
     def resend(self) -> None:
@@ -940,8 +952,11 @@ class Publisher:
         """(consumers, ready messages) of the queue, or why it cannot be read."""
         return self._probe.state()
 
-    def publish(self, body: bytes, message_id: str) -> None:
-        """Publish body and wait for the confirm; ApiError 503 if it fails."""
+    def publish(self, body: bytes, message_id: str, request_id: str = "-") -> None:
+        """Publish body and wait for the confirm; ApiError 503 if it fails.
+
+        The order's log line comes from _Confirms.settle, once confirmed.
+        """
         future: Future[None] = Future()
         properties = pika.BasicProperties(
             content_type="application/json",
@@ -949,7 +964,7 @@ class Publisher:
             message_id=message_id,
             timestamp=int(time.time()),
         )
-        outgoing = _Outgoing(future, body, properties)
+        outgoing = _Outgoing(future, body, properties, request_id)
         conn = self._session.conn
         if conn is None or not self.ready.is_set():
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "message broker unavailable")
@@ -1029,8 +1044,7 @@ def post_billing(req: Request, publisher: Publisher) -> Response:
     # billing stores each message_id once: a retry with the same key (of the
     # same user) is a no-op, even if the first attempt's answer was lost.
     message_id = uuid.uuid4().hex if key is None else f"key:{user_id}:{key}"
-    publisher.publish(body, message_id)
-    log.info("order %s published, request %s", message_id, req.request_id)
+    publisher.publish(body, message_id, req.request_id)
     return json_response(
         HTTPStatus.OK, {"message": "Message posted"}, {"X-Message-Id": message_id}
     )

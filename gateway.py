@@ -927,6 +927,12 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._ioloop: IOLoop | None = None
         self._lock = threading.Lock()  # guards _ioloop between _serve and stop()
+        # Orders handed over and not yet published: one ioloop wake-up takes
+        # all that came meanwhile (a wake-up per order cost a system call and
+        # a thread switch each).
+        self._outbox: list[_Outgoing] = []
+        self._woken = False  # a wake-up is on its way to the ioloop
+        self._outbox_lock = threading.Lock()
 
     def start(self) -> None:
         """Connect in a background thread (_run), reconnecting until stop()."""
@@ -968,9 +974,12 @@ class Publisher:
         conn = self._session.conn
         if conn is None or not self.ready.is_set():
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "message broker unavailable")
+        with self._outbox_lock:
+            self._outbox.append(outgoing)
+            wake, self._woken = not self._woken, True
         try:
-            send = functools.partial(self._session.confirms.send, outgoing)
-            conn.ioloop.add_callback_threadsafe(send)
+            if wake:
+                conn.ioloop.add_callback_threadsafe(self._send_outbox)
             future.result(timeout=PUBLISH_TIMEOUT)
         except concurrent.futures.TimeoutError:
             raise ApiError(
@@ -981,6 +990,20 @@ class Publisher:
             raise ApiError(
                 HTTPStatus.SERVICE_UNAVAILABLE, "message broker did not take the order"
             ) from None
+
+    def _send_outbox(self) -> None:
+        """Publish every order handed over since the last wake-up (ioloop thread)."""
+        with self._outbox_lock:
+            outbox, self._outbox, self._woken = self._outbox, [], False
+        for outgoing in outbox:
+            self._session.confirms.send(outgoing)
+
+    def _clear_outbox(self, reason: str) -> None:
+        """Fail what a lost ioloop will never publish; the next order wakes anew."""
+        with self._outbox_lock:
+            outbox, self._outbox, self._woken = self._outbox, [], False
+        for outgoing in outbox:
+            _fail(outgoing.future, reason)
 
     def _run(self) -> None:
         """The thread (start): _serve a connection, back off, repeat until stop().
@@ -999,6 +1022,7 @@ class Publisher:
             self.ready.clear()
             self._session.confirms.channel = None
             self._session.confirms.fail_all("connection lost")
+            self._clear_outbox("connection lost")
             self._stop.wait(backoff.failed())
 
     def _serve(self) -> None:
@@ -1007,6 +1031,7 @@ class Publisher:
             if self._stop.is_set():
                 return
             ioloop = self._ioloop = IOLoop()
+        self._clear_outbox("connection lost")  # handed to the last ioloop, late
         try:
             self._session.connect(self.params, ioloop)
             ioloop.start()

@@ -226,6 +226,13 @@ def _text(value: object) -> bytes | None:
     return str(value).encode()
 
 
+def _busy() -> ApiError:
+    """503 while the database is up but every connection (or slot) is taken."""
+    return ApiError(
+        HTTPStatus.SERVICE_UNAVAILABLE, "database busy, try again", {"Retry-After": "1"}
+    )
+
+
 class Database:
     """A connection pool that runs named queries and maps outages to 503."""
 
@@ -277,16 +284,23 @@ class Database:
                 ) from None
             # Every connection is serving another request: the database is up.
             log.warning("database busy: all %s connections in use", POOL_SIZE)
-            raise ApiError(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "database busy, try again",
-                {"Retry-After": "1"},
-            ) from None
+            raise _busy() from None
         except psycopg.OperationalError as exc:
             log.warning("database unavailable: %s", exc)
             raise ApiError(
                 HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable"
             ) from None
+
+    @contextlib.contextmanager
+    def page_slot(self) -> Iterator[None]:
+        """Hold one of the PAGE_SLOTS; 503 busy when none frees within DB_WAIT."""
+        if not self._pages.acquire(timeout=DB_WAIT):
+            log.warning("database busy: all %s page slots in use", PAGE_SLOTS)
+            raise _busy()
+        try:
+            yield
+        finally:
+            self._pages.release()
 
     def row(self, name: str, **params: object) -> tuple[Any, ...] | None:
         """Run a named query and return its first row (or None)."""
@@ -324,7 +338,7 @@ class Database:
         left, rows = limit, STREAM_PAGE
         while True:
             params["limit"] = rows if left is None else min(left, rows)
-            with self._pages, self.connection() as conn:
+            with self.page_slot(), self.connection() as conn:
                 text, kept, last, read = run(conn, name, params)[0]
                 if read and not kept:  # over the budget: cut it where it ends
                     text, kept, last, read = run(conn, cut, params)[0]

@@ -437,11 +437,6 @@ DB_WAIT = inventory.DB_WAIT
 PAGE_SLOTS = inventory.PAGE_SLOTS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Database.pages waits for a page slot with no timeout: while "
-    "PAGE_SLOTS lists are held, every other list waits as long as they do",
-)
 def test_a_list_waits_for_a_page_slot_no_longer_than_for_a_connection(
     inventory, clean_movies
 ):

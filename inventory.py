@@ -72,10 +72,11 @@ MAX_HEAD = 64 * 1024
 SHUTDOWN_GRACE = 3  # seconds for requests in flight at SIGTERM (PM2 kills at 5)
 MAX_CONNECTIONS = 512  # open client connections, one thread each
 DB_WAIT = 4  # seconds to wait for a database connection before answering 503
-POOL_SIZE = 16  # one per busy request thread: a wait for one costs a thread switch
-PAGE_SLOTS = 4  # list pages built at once (each up to PAGE_BYTES in memory)
+POOL_SIZE = 16  # for single rows: a request thread that waits for one costs a switch
+PAGE_SLOTS = 4  # connections for list pages (each holds up to PAGE_BYTES of buffer)
 STREAM_PAGE = 2000  # movies per page of a streamed list; shorter lists are not
 PAGE_BYTES = 1024 * 1024  # JSON per page, at most (plus one movie): memory per list
+SMALL_PAGE_BYTES = 12 * 1024  # under libpq's first 16 KiB of buffer (Database.pages)
 # Control characters a title or description may not hold: C0 but tab, LF and CR
 # (PostgreSQL's JSON spells each other one \u00XX: 6 bytes for 1).
 _FORBIDDEN_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
@@ -226,21 +227,15 @@ def _text(value: object) -> bytes | None:
     return str(value).encode()
 
 
-def _busy() -> ApiError:
-    """503 while the database is up but every connection (or slot) is taken."""
-    return ApiError(
-        HTTPStatus.SERVICE_UNAVAILABLE, "database busy, try again", {"Retry-After": "1"}
-    )
+class Pool:
+    """A psycopg pool of `size` connections that maps outages to 503."""
 
-
-class Database:
-    """A connection pool that runs named queries and maps outages to 503."""
-
-    def __init__(self, conninfo: str) -> None:
+    def __init__(self, conninfo: str, size: int, what: str) -> None:
+        self.size, self.what = size, what
         self.pool = ConnectionPool(
             conninfo,
-            min_size=2,
-            max_size=POOL_SIZE,
+            min_size=min(2, size),
+            max_size=size,
             timeout=DB_WAIT,
             kwargs={"autocommit": True},
             check=_check_connection,
@@ -249,16 +244,6 @@ class Database:
         )
         self._lent = 0  # connections out of the pool right now
         self._lock = threading.Lock()
-        # Pages are up to PAGE_BYTES each: this many are built at once, at most.
-        self._pages = threading.BoundedSemaphore(PAGE_SLOTS)
-
-    def open(self) -> None:
-        """Start the pool without waiting: requests get 503 until it connects."""
-        self.pool.open(wait=False)
-
-    def close(self) -> None:
-        """Close every connection."""
-        self.pool.close()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
@@ -277,34 +262,50 @@ class Database:
                 # connection is held, and hold time bounds the pool's rate.
                 self.pool.putconn(conn)
         except PoolTimeout:
-            if self._lent < POOL_SIZE:
+            if self._lent < self.size:
                 log.warning("database unavailable: no connection in %s s", DB_WAIT)
                 raise ApiError(
                     HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable"
                 ) from None
             # Every connection is serving another request: the database is up.
-            log.warning("database busy: all %s connections in use", POOL_SIZE)
-            raise _busy() from None
+            log.warning("database busy: all %s %s in use", self.size, self.what)
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "database busy, try again",
+                {"Retry-After": "1"},
+            ) from None
         except psycopg.OperationalError as exc:
             log.warning("database unavailable: %s", exc)
             raise ApiError(
                 HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable"
             ) from None
 
-    @contextlib.contextmanager
-    def page_slot(self) -> Iterator[None]:
-        """Hold one of the PAGE_SLOTS; 503 busy when none frees within DB_WAIT."""
-        if not self._pages.acquire(timeout=DB_WAIT):
-            log.warning("database busy: all %s page slots in use", PAGE_SLOTS)
-            raise _busy()
-        try:
-            yield
-        finally:
-            self._pages.release()
+
+class Database:
+    """Runs named queries: single rows on one pool, list pages on another.
+
+    libpq keeps a connection's input buffer as large as the largest result it
+    got, so pages (up to PAGE_BYTES each) have connections of their own: the
+    many connections that serve single rows stay small.
+    """
+
+    def __init__(self, conninfo: str) -> None:
+        self.rows = Pool(conninfo, POOL_SIZE, "connections")
+        self.pages_pool = Pool(conninfo, PAGE_SLOTS, "page connections")
+
+    def open(self) -> None:
+        """Start the pools without waiting: requests get 503 until they connect."""
+        self.rows.pool.open(wait=False)
+        self.pages_pool.pool.open(wait=False)
+
+    def close(self) -> None:
+        """Close every connection."""
+        self.rows.pool.close()
+        self.pages_pool.pool.close()
 
     def row(self, name: str, **params: object) -> tuple[Any, ...] | None:
         """Run a named query and return its first row (or None)."""
-        with self.connection() as conn:
+        with self.rows.connection() as conn:
             rows = run(conn, name, params)
         return rows[0] if rows else None
 
@@ -330,15 +331,21 @@ class Database:
         on a connection back in the pool before the yield, so a slow reader
         never holds one. A page is at most STREAM_PAGE movies and PAGE_BYTES of
         JSON (plus one movie): memory stays flat whatever the table holds.
+
+        A search or a limited list, mostly short, starts with a page of at
+        most SMALL_PAGE_BYTES on the pool for single rows (whose buffers stay
+        small); what follows, and a whole list, comes from the page pool.
         """
         by_title = ("cut_movies_by_title",) * 2
         name, cut = ("page_movies", "cut_movies") if pattern is None else by_title
         params = {"pattern": pattern, "after": 0, "offset": offset, "lead": "["}
-        params["budget"] = PAGE_BYTES
+        small = pattern is not None or limit is not None
+        pool = self.rows if small else self.pages_pool
+        params["budget"] = SMALL_PAGE_BYTES if small else PAGE_BYTES
         left, rows = limit, STREAM_PAGE
         while True:
             params["limit"] = rows if left is None else min(left, rows)
-            with self.page_slot(), self.connection() as conn:
+            with pool.connection() as conn:
                 text, kept, last, read = run(conn, name, params)[0]
                 if read and not kept:  # over the budget: cut it where it ends
                     text, kept, last, read = run(conn, cut, params)[0]
@@ -353,6 +360,8 @@ class Database:
             if not more:
                 return
             params.update(after=last, offset=0, lead=",")
+            if pool is self.rows:
+                pool, rows, params["budget"] = self.pages_pool, STREAM_PAGE, PAGE_BYTES
 
 
 # --- Errors and validation ---

@@ -1288,10 +1288,18 @@ class Connection:
         del self.buffer[:size]
         return data
 
-    def send(self, data: bytes) -> None:
-        """Send all of data; a reader stalled for WRITE_TIMEOUT raises."""
+    def send(self, *parts: bytes) -> None:
+        """Send all of parts, in one system call while the socket takes them
+        (no copy joins a head and its body); a reader stalled for
+        WRITE_TIMEOUT raises."""
+        views = [memoryview(part) for part in parts if part]
         try:
-            self.sock.sendall(data)
+            while views:
+                sent = self.sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                if views:
+                    views[0] = views[0][sent:]
         except BlockingIOError:
             raise TimeoutError("client stopped reading") from None
 
@@ -1608,7 +1616,7 @@ def write_response(
         head = response_head(
             response, request_id, f"Content-Length: {len(body)}{close}"
         )
-        conn.send(head if method == "HEAD" else head + body)
+        conn.send(head, b"" if method == "HEAD" else body)
         return keep_alive
     chunked = version >= "HTTP/1.1"
     if not chunked:
@@ -1630,7 +1638,10 @@ def _stream(
         conn.send(head)
         for piece in () if head_only else pieces:
             if piece:  # an empty chunk would end the body
-                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                if chunked:
+                    conn.send(b"%x\r\n" % len(piece), piece, b"\r\n")
+                else:
+                    conn.send(piece)
         if chunked and not head_only:
             conn.send(b"0\r\n\r\n")
         return True

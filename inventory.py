@@ -342,7 +342,7 @@ class Database:
         small = pattern is not None or limit is not None
         pool = self.rows if small else self.pages_pool
         params["budget"] = SMALL_PAGE_BYTES if small else PAGE_BYTES
-        left, rows = limit, STREAM_PAGE
+        left, rows, held = limit, STREAM_PAGE, b""
         while True:
             params["limit"] = rows if left is None else min(left, rows)
             with pool.connection() as conn:
@@ -355,13 +355,19 @@ class Database:
             # Ask next for what the budget held: the next page likely fits
             # whole, without the window (movies near each other are alike).
             rows = kept if kept < read else min(2 * rows, STREAM_PAGE)
-            if text is not None or params["lead"] == "[":
-                yield text or b"[", more
+            if params["lead"] == "[":
+                text = text or b"["
+            if more and pool is self.rows:
+                # Held back until the page pool gives the next page: if it is
+                # busy, the answer is still a clean 503, not a cut-off 200.
+                held, pool = text or b"", self.pages_pool
+                rows, params["budget"] = STREAM_PAGE, PAGE_BYTES
+            elif text is not None or held:
+                yield held + (text or b""), more
+                held = b""
             if not more:
                 return
             params.update(after=last, offset=0, lead=",")
-            if pool is self.rows:
-                pool, rows, params["budget"] = self.pages_pool, STREAM_PAGE, PAGE_BYTES
 
 
 # --- Errors and validation ---
@@ -652,10 +658,18 @@ class Connection:
         del self.buffer[:size]
         return data
 
-    def send(self, data: bytes) -> None:
-        """Send all of data; a reader stalled for WRITE_TIMEOUT raises."""
+    def send(self, *parts: bytes) -> None:
+        """Send all of parts, in one system call while the socket takes them
+        (no copy joins a head and its body); a reader stalled for
+        WRITE_TIMEOUT raises."""
+        views = [memoryview(part) for part in parts if part]
         try:
-            self.sock.sendall(data)
+            while views:
+                sent = self.sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                if views:
+                    views[0] = views[0][sent:]
         except BlockingIOError:
             raise TimeoutError("client stopped reading") from None
 
@@ -972,7 +986,7 @@ def write_response(
         head = response_head(
             response, request_id, f"Content-Length: {len(body)}{close}"
         )
-        conn.send(head if method == "HEAD" else head + body)
+        conn.send(head, b"" if method == "HEAD" else body)
         return keep_alive
     chunked = version >= "HTTP/1.1"
     if not chunked:
@@ -994,7 +1008,10 @@ def _stream(
         conn.send(head)
         for piece in () if head_only else pieces:
             if piece:  # an empty chunk would end the body
-                conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                if chunked:
+                    conn.send(b"%x\r\n" % len(piece), piece, b"\r\n")
+                else:
+                    conn.send(piece)
         if chunked and not head_only:
             conn.send(b"0\r\n\r\n")
         return True

@@ -1,0 +1,138 @@
+"""CPU per request: one workload, and what each process spent on it.
+
+    venv/dev/bin/python bench/cpu.py W1d                     # inventory direct
+    venv/dev/bin/python bench/cpu.py W1 --rounds 3           # via the gateway
+    venv/dev/bin/python bench/cpu.py W5 --profile out.txt    # + py-spy raw stacks
+
+Starts bench/run.py's own stack (its databases, bench_queue, services on free
+ports), runs wrk -t2 -c16 for --seconds, and prints the rate with the CPU time
+(user + system, from /proc) per answered request of the service under load,
+of the other services, of PostgreSQL's processes, and of the whole machine
+(with how busy its cores were). For W5 billing is stopped and bench_queue
+emptied after. --profile attaches py-spy (pip install py-spy) to the service
+under load for 8 s; --gil keeps only the samples of the thread holding the
+GIL (py-spy counts the last holder also while nobody holds it, e.g. during a
+blocking call that released it).
+"""
+
+import argparse
+import contextlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import run
+
+WORKLOADS = {  # (service under load, path, wrk script)
+    "W1": ("gateway", "/", "get_random.lua"),
+    "W1d": ("inventory", "/", "get_random.lua"),
+    "W2": ("gateway", "/api/movies?title=needle", "get_fixed.lua"),
+    "W4": ("gateway", "/api/movies", "post_movie.lua"),
+    "W5": ("gateway", "/api/billing", "post_billing.lua"),
+}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def postgres_seconds():
+    """CPU seconds of every PostgreSQL process now running."""
+    out = subprocess.run(["pgrep", "-f", "postgres"], capture_output=True, text=True)
+    total = 0.0
+    for pid in out.stdout.split():
+        with contextlib.suppress(OSError):  # ended meanwhile
+            total += cpu_seconds(pid)
+    return total
+
+
+def machine_seconds():
+    """(all, busy) CPU seconds of the machine since boot."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return sum(ticks) / TICK, (sum(ticks) - ticks[3] - ticks[4]) / TICK
+
+
+def sample(stack, target):
+    pids = stack.pids()
+    return {
+        "target": cpu_seconds(pids[target]),
+        "others": sum(cpu_seconds(p) for s, p in pids.items() if s != target),
+        "postgres": postgres_seconds(),
+        "machine": machine_seconds(),
+    }
+
+
+def measure(args, stack, target, url, script, env):
+    """One wrk run: its figures and the CPU microseconds per answered request."""
+    before = sample(stack, target)
+    result = run.wrk(url, script, args.seconds, 16, env)
+    after = sample(stack, target)
+    answered = result["rate"] * args.seconds
+    per = {k: (after[k] - before[k]) * 1e6 / answered for k in ("target", "others")}
+    per["postgres"] = (after["postgres"] - before["postgres"]) * 1e6 / answered
+    total = after["machine"][0] - before["machine"][0]
+    busy = after["machine"][1] - before["machine"][1]
+    per["machine"] = busy * 1e6 / answered
+    return result, per, busy / total
+
+
+def profile(args, stack, target, url, script, env):
+    """py-spy raw stacks of the service under load, while wrk runs."""
+    load = subprocess.Popen(
+        ["wrk", "-t2", "-c16", "-d12s", "-s", str(run.BENCH / script), url],
+        env={**os.environ, "BENCH_LUA_DIR": str(run.BENCH), **env},
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(1)
+    cmd = ["py-spy", "record", "--pid", str(stack.pids()[target]), "--nonblocking"]
+    cmd += ["-d", "8", "-r", str(args.rate), "--format", "raw", "-o", args.profile]
+    subprocess.run(cmd + ["--gil"] * args.gil, check=True, capture_output=True)
+    load.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workload", choices=WORKLOADS)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--profile", help="write py-spy's raw stacks here")
+    parser.add_argument("--gil", action="store_true", help="GIL holder only")
+    parser.add_argument("--rate", type=int, default=500, help="py-spy samples/s")
+    args = parser.parse_args()
+    target, path, script = WORKLOADS[args.workload]
+    stack = run.Stack(own=True)
+    try:
+        stack.up()
+        low, high = run.seed_movies(stack.movies_db)
+        env = {"BENCH_ID_MIN": str(low), "BENCH_ID_MAX": str(high)}
+        env["BENCH_ORDER"] = run.ORDER.decode()
+        if args.workload == "W5":
+            stack.stop("billing")
+            run.declare_queue(stack.mq, stack.queue)
+        url = (stack.gateway if target == "gateway" else stack.inventory) + path
+        run.wrk(url, script, 1, 16, env)  # warm pools and plans
+        for _ in range(args.rounds):
+            result, per, busy = measure(args, stack, target, url, script, env)
+            print(
+                f"{args.workload}: {result['rate']:,.0f} req/s, p50 "
+                f"{result['p50_ms']:.2f} ms, errors {result['errors']}; CPU us per "
+                f"request: {target} {per['target']:.0f}, other services "
+                f"{per['others']:.0f}, PostgreSQL {per['postgres']:.0f}, machine "
+                f"{per['machine']:.0f} ({busy:.0%} of its cores busy)",
+                flush=True,
+            )
+        if args.profile:
+            profile(args, stack, target, url, script, env)
+            print(f"py-spy stacks in {args.profile}")
+    finally:
+        if args.workload == "W5":
+            run.declare_queue(stack.mq, stack.queue)  # purge what W5 queued
+        stack.down()
+
+
+if __name__ == "__main__":
+    main()

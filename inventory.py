@@ -153,16 +153,6 @@ _RESULT_OK = {pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK}
 UNDEFINED_STATEMENT = b"26000"  # SQLSTATE: no prepared statement of that name
 
 
-def _check_connection(conn: psycopg.Connection[Any]) -> None:
-    """Before lending a connection, make sure the server has not closed it.
-
-    An idle connection has nothing to read unless the server sent a goodbye
-    (a restart, an idle kill); only then pay for a round trip to check it.
-    """
-    if select.select([conn.fileno()], [], [], 0)[0]:
-        ConnectionPool.check_connection(conn)
-
-
 def _checked(pgconn: pq.abc.PGconn, result: pq.abc.PGresult) -> pq.abc.PGresult:
     """The result, or its error raised as psycopg would raise it."""
     if result.status in _RESULT_OK:
@@ -238,7 +228,6 @@ class Pool:
             max_size=size,
             timeout=DB_WAIT,
             kwargs={"autocommit": True},
-            check=_check_connection,
             reconnect_timeout=0,  # keep trying forever while the database is down
             open=False,
         )
@@ -249,7 +238,7 @@ class Pool:
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
         """Lend a pooled connection; 503 when none comes within DB_WAIT."""
         try:
-            conn = self.pool.getconn()
+            conn = self._lend(time.monotonic() + DB_WAIT)
             with self._lock:
                 self._lent += 1
             try:
@@ -279,6 +268,25 @@ class Pool:
             raise ApiError(
                 HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable"
             ) from None
+
+    def _lend(self, deadline: float) -> psycopg.Connection[Any]:
+        """A pooled connection the server has not closed; PoolTimeout by deadline.
+
+        An idle connection has nothing to read unless the server sent a goodbye
+        (a restart, an idle kill): only then pay for a round trip to check it.
+        A dead one is closed, so the pool connects anew, and the next is taken
+        at once. (psycopg_pool's own check sleeps 1, 2, 4 s between dead ones:
+        after a restart, a pool full of them answered 503 for seconds.)
+        """
+        while True:
+            conn = self.pool.getconn(max(deadline - time.monotonic(), 0.001))
+            try:
+                if select.select([conn.fileno()], [], [], 0)[0]:
+                    ConnectionPool.check_connection(conn)
+                return conn
+            except psycopg.Error:
+                conn.close()
+                self.pool.putconn(conn)  # closed: dropped, and replaced
 
 
 class Database:

@@ -119,7 +119,7 @@ def main():
             result, per, busy = measure(args, stack, target, url, script, env)
             print(
                 f"{args.workload}: {result['rate']:,.0f} req/s, p50 "
-                f"{result['p50_ms']:.2f} ms, errors {result['errors']}; CPU us per "
+                f"{result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, errors {result['errors']}; CPU us per "
                 f"request: {target} {per['target']:.0f}, other services "
                 f"{per['others']:.0f}, PostgreSQL {per['postgres']:.0f}, machine "
                 f"{per['machine']:.0f} ({busy:.0%} of its cores busy)",

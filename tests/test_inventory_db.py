@@ -444,6 +444,7 @@ def hold_and_release(service, dbname, held_calls, movie):
 
 DB_WAIT = inventory.DB_WAIT
 PAGE_SLOTS = inventory.PAGE_SLOTS
+POOL_SIZE = inventory.POOL_SIZE
 
 
 def test_a_list_waits_for_a_page_slot_no_longer_than_for_a_connection(
@@ -795,3 +796,40 @@ def test_a_search_with_the_page_pool_taken_is_whole_or_a_503(clean_movies, monke
         server.shutdown()
         server.server_close()
         db.close()
+
+
+# --- After a database restart, every pooled connection is dead at once ---
+
+
+def test_the_first_requests_after_a_database_restart_succeed(clean_movies):
+    # Both pools full of idle connections, then PostgreSQL restarts: each one
+    # has the server's goodbye waiting. The first GET and the first list once
+    # the database is back must be answered at once, not after waiting (a
+    # back-off sleep per dead connection) into a 503.
+    movie = helpers.rows(
+        clean_movies, "INSERT INTO movies (title) VALUES ('x') RETURNING id"
+    )[0][0]
+    port = helpers.free_port()
+    service = helpers.Service("inventory", helpers.inventory_env(port), port).start()
+    paths = [f"/api/movies/{movie}"] * POOL_SIZE + ["/api/movies"] * PAGE_SLOTS
+    try:
+        with (
+            helpers.admin_connect(clean_movies) as admin,
+            concurrent.futures.ThreadPoolExecutor(len(paths)) as pool,
+        ):
+            admin.execute("BEGIN")
+            admin.execute("LOCK TABLE movies IN ACCESS EXCLUSIVE MODE")
+            held = [pool.submit(helpers.call, service.url, "GET", p) for p in paths]
+            helpers.wait_for(
+                lambda: waiting_on_locks(clean_movies) >= len(paths),
+                what="every pooled connection to be open and busy",
+            )
+            admin.execute("ROLLBACK")
+            assert {f.result(timeout=10)[0] for f in held} == {200}
+        helpers.pg("stop")
+        helpers.pg("start")
+        for path in (f"/api/movies/{movie}", "/api/movies"):
+            status, body, seconds = helpers.timed_call(service, "GET", path)
+            assert status == 200 and seconds < 1, (path, status, body, seconds)
+    finally:
+        service.stop()

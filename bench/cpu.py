@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,7 +89,14 @@ def profile(args, stack, target, url, script, env):
         stdout=subprocess.DEVNULL,
     )
     time.sleep(1)
-    cmd = ["py-spy", "record", "--pid", str(stack.pids()[target]), "--nonblocking"]
+    spy = Path(sys.executable).parent / "py-spy"  # the venv's, if it has one
+    cmd = [
+        str(spy) if spy.exists() else "py-spy",
+        "record",
+        "--pid",
+        str(stack.pids()[target]),
+        "--nonblocking",
+    ]
     cmd += ["-d", "8", "-r", str(args.rate), "--format", "raw", "-o", args.profile]
     subprocess.run(cmd + ["--gil"] * args.gil, check=True, capture_output=True)
     load.wait()

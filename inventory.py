@@ -1244,8 +1244,10 @@ def main() -> None:
             application_name="inventory",
         )
     )
-    db.open()
+    # Bind first: exiting with the pools' threads running can end in a
+    # traceback from a pool collected in one of its own threads.
     server = bind_or_exit(Server, "INVENTORY", config, build_routes(db))
+    db.open()
     host, port = server.server_address[:2]
     log.info("inventory listening on http://%s:%s", host, port)
     server.serve_until_signal()

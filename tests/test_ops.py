@@ -85,10 +85,11 @@ def run_service(service, env):
 def test_an_address_not_on_this_machine_is_one_line_naming_the_fix(service, variable):
     # Everything else on loopback: the test sends nothing off this machine.
     local = {"INVENTORY_HOST": "127.0.0.1", "RABBITMQ_HOST": "127.0.0.1"}
-    code, stderr = run_service(service, {**local, variable: "192.0.2.1"})
+    for _ in range(5):  # a traceback at exit came from a race: try it a few times
+        code, stderr = run_service(service, {**local, variable: "192.0.2.1"})
+        assert code == 1
+        assert "Traceback" not in stderr, stderr
     lines = stderr.strip().splitlines()
-    assert code == 1
-    assert "Traceback" not in stderr, stderr
     assert len(lines) >= 1
     last = lines[-1]
     assert last.startswith(f"{service}: {variable}=192.0.2.1"), last

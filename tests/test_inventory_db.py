@@ -123,18 +123,22 @@ def test_to_statement_numbers_by_first_appearance(template):
 # --- run: against movies_test as the service's role ---
 
 
-@pytest.fixture
-def conn(clean_movies):
-    """A connection as inventory makes them: the service's role, autocommit."""
-    with psycopg.connect(
+def service_conninfo(dbname):
+    """How inventory connects to dbname: the service's role over TCP."""
+    return psycopg.conninfo.make_conninfo(
         host="127.0.0.1",
         port=helpers.ENV["INVENTORY_DB_PORT"],
-        dbname=clean_movies,
+        dbname=dbname,
         user=helpers.ENV["INVENTORY_DB_USER"],
         password=helpers.ENV["INVENTORY_DB_PASSWORD"],
         sslmode="disable",
-        autocommit=True,
-    ) as conn:
+    )
+
+
+@pytest.fixture
+def conn(clean_movies):
+    """A connection as inventory makes them: the service's role, autocommit."""
+    with psycopg.connect(service_conninfo(clean_movies), autocommit=True) as conn:
         yield conn
 
 
@@ -638,16 +642,7 @@ def test_pages_give_what_sql_gives(inventory, clean_movies, shelf):
 
 def database_on(dbname):
     """An open inventory.Database on dbname as the service's role."""
-    database = inventory.Database(
-        psycopg.conninfo.make_conninfo(
-            host="127.0.0.1",
-            port=helpers.ENV["INVENTORY_DB_PORT"],
-            dbname=dbname,
-            user=helpers.ENV["INVENTORY_DB_USER"],
-            password=helpers.ENV["INVENTORY_DB_PASSWORD"],
-            sslmode="disable",
-        )
-    )
+    database = inventory.Database(service_conninfo(dbname))
     database.open()
     return database
 

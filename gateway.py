@@ -752,6 +752,39 @@ def _fail(future: _Latch | Future[Any], reason: object) -> None:
         future.set_exception(ConnectionError(getattr(reason, "reply_text", reason)))
 
 
+class _BatchingConnection(pika.SelectConnection):
+    """A SelectConnection that sends the messages of one batch() in one write.
+
+    pika hands each frame of a message (method, header, body) to its
+    transport on its own, and the transport sends each in a system call of
+    its own: three per message. Within batch() the frames are held, in
+    order, and go to the transport joined when it ends.
+    """
+
+    _held: list[bytes] | None = None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold the frames sent meanwhile (ioloop thread), then write them at once."""
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            if held and self._transport is not None:
+                data = b"".join(held)
+                self.bytes_sent += len(data)
+                self.frames_sent += len(held)
+                self._adapter_emit_data(data)
+
+    def _output_marshaled_frames(self, marshaled_frames: Any) -> None:
+        """pika: frames to send; held during batch(), else sent as pika does."""
+        if self._held is None:
+            super()._output_marshaled_frames(marshaled_frames)
+        else:
+            self._held.extend(marshaled_frames)
+
+
 class _Session:
     """The publisher's pika steps, from a connection to a channel taking orders.
 
@@ -770,7 +803,7 @@ class _Session:
 
     def connect(self, params: pika.ConnectionParameters, ioloop: IOLoop) -> None:
         """Start opening a connection (Publisher._serve); on_connection_open follows."""
-        self.conn = pika.SelectConnection(
+        self.conn = _BatchingConnection(
             params,
             on_open_callback=self.on_connection_open,
             on_open_error_callback=self.on_connection_open_error,
@@ -1037,8 +1070,9 @@ class Publisher:
         """Publish every order handed over since the last wake-up (ioloop thread)."""
         with self._outbox_lock:
             outbox, self._outbox, self._woken = self._outbox, [], False
-        for outgoing in outbox:
-            self._session.confirms.send(outgoing)
+        with self._session.conn.batch():  # one write for all (the ioloop's conn)
+            for outgoing in outbox:
+                self._session.confirms.send(outgoing)
 
     def _clear_outbox(self, reason: str) -> None:
         """Fail what a lost ioloop will never publish; the next order wakes anew."""

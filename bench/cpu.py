@@ -35,10 +35,10 @@ WORKLOADS = {  # (service under load, path, wrk script)
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid):
-    """User + system CPU seconds of a process, all its threads."""
+def cpu_seconds(pid, system_only=False):
+    """User + system CPU seconds of a process, all its threads (or system only)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return (int(fields[11]) * (not system_only) + int(fields[12])) / TICK
 
 
 def postgres_seconds():
@@ -61,6 +61,7 @@ def sample(stack, target):
     pids = stack.pids()
     return {
         "target": cpu_seconds(pids[target]),
+        "target_system": cpu_seconds(pids[target], system_only=True),
         "others": sum(cpu_seconds(p) for s, p in pids.items() if s != target),
         "postgres": postgres_seconds(),
         "machine": machine_seconds(),
@@ -73,7 +74,10 @@ def measure(args, stack, target, url, script, env):
     result = run.wrk(url, script, args.seconds, 16, env)
     after = sample(stack, target)
     answered = result["rate"] * args.seconds
-    per = {k: (after[k] - before[k]) * 1e6 / answered for k in ("target", "others")}
+    per = {
+        k: (after[k] - before[k]) * 1e6 / answered
+        for k in ("target", "target_system", "others")
+    }
     per["postgres"] = (after["postgres"] - before["postgres"]) * 1e6 / answered
     total = after["machine"][0] - before["machine"][0]
     busy = after["machine"][1] - before["machine"][1]
@@ -128,7 +132,8 @@ def main():
             print(
                 f"{args.workload}: {result['rate']:,.0f} req/s, p50 "
                 f"{result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, errors {result['errors']}; CPU us per "
-                f"request: {target} {per['target']:.0f}, other services "
+                f"request: {target} {per['target']:.0f} (kernel "
+                f"{per['target_system']:.0f}), other services "
                 f"{per['others']:.0f}, PostgreSQL {per['postgres']:.0f}, machine "
                 f"{per['machine']:.0f} ({busy:.0%} of its cores busy)",
                 flush=True,

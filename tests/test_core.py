@@ -6,9 +6,12 @@ each test runs against both copies all the same, as each file is run on its own.
 
 import contextlib
 import json
+import os
+import re
 import socket
 import threading
 import time
+import types
 
 import pytest
 from hypothesis import given
@@ -431,3 +434,46 @@ def test_over_the_connection_cap_is_503_busy_with_a_request_id(core):
         for sock in (*pair_last, *pair_refused):
             sock.close()
         server.server_close()
+
+
+# --- ids ---
+
+
+@pytest.mark.parametrize("bits", [64, 128])
+def test_new_ids_are_hex_of_their_size_and_distinct(core, bits):
+    ids = [core.new_id(bits) for _ in range(50_000)]
+    assert all(re.fullmatch(f"[0-9a-f]{{{bits // 4}}}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+
+
+def no_urandom(monkeypatch):
+    """os.urandom (and uuid4, which calls it) now fail the test."""
+
+    def refuse(size):
+        raise AssertionError("a system call for an id")
+
+    monkeypatch.setattr(os, "urandom", refuse)
+
+
+def test_a_request_id_costs_no_system_call(core, monkeypatch):
+    # getrandom() releases the GIL: under load, one more hand-over per request.
+    no_urandom(monkeypatch)
+    assert re.fullmatch("[0-9a-f]{16}", core.request_id(core.Headers([])))
+    sent = core.Headers([("X-Request-Id", "abc-1")])
+    assert core.request_id(sent) == "abc-1"
+
+
+def test_an_order_id_costs_no_system_call(monkeypatch):
+    no_urandom(monkeypatch)
+    ids = []
+    publisher = types.SimpleNamespace(publish=lambda body, mid, rid: ids.append(mid))
+    body = b'{"user_id": 1, "number_of_items": 2, "total_amount": 3}'
+    req = types.SimpleNamespace(
+        read_body=lambda limit, json_only=False: body,
+        headers=gateway.Headers([]),
+        request_id="r",
+    )
+    for _ in range(2):
+        response = gateway.post_billing(req, publisher)
+        assert response.headers["X-Message-Id"] == ids[-1]
+    assert ids[0] != ids[1] and all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)

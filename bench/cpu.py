@@ -29,6 +29,7 @@ WORKLOADS = {  # (service under load, path, wrk script)
     "W1": ("gateway", "/", "get_random.lua"),
     "W1d": ("inventory", "/", "get_random.lua"),
     "W2": ("gateway", "/api/movies?title=needle", "get_fixed.lua"),
+    "W3": ("gateway", "/api/movies", "get_fixed.lua"),
     "W4": ("gateway", "/api/movies", "post_movie.lua"),
     "W5": ("gateway", "/api/billing", "post_billing.lua"),
 }

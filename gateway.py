@@ -31,7 +31,6 @@ import io
 import json
 import logging
 import os
-import random
 import re
 import signal
 import socket
@@ -1236,9 +1235,10 @@ _VERSION = re.compile(r"HTTP/([0-9])\.[0-9]")
 # character but HTAB in the value (so no bare CR, no NUL; no obs-fold either)
 _HEADER_LINE = re.compile(f"({_TOKEN.pattern}):" + r"([^\x00-\x08\x0a-\x1f\x7f]*)")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a sent id we keep
-# Ids come from a generator seeded once from os.urandom: os.urandom itself
-# is a system call that lets go of the GIL, a hand-over per id under load.
-_IDS = random.Random()
+# Ids come from os.urandom 4 KiB at a time: a call per id is a system call
+# that lets go of the GIL, under load one more hand-over between threads.
+_ID_BYTES = bytearray()  # drawn and not yet used, under _ID_LOCK
+_ID_LOCK = threading.Lock()
 MAX_HEADERS = 100  # header lines in a request (http.client's limit)
 WRITE_TIMEOUT = REQUEST_TIMEOUT + 5  # seconds one send may wait for a slow reader
 TIMEOUT_SLACK = 0.05  # seconds a read may outlast the request's deadline
@@ -1446,8 +1446,14 @@ def request_id(headers: Headers) -> str:
 
 
 def new_id(bits: int = 64) -> str:
-    """A random id of bits / 4 hex digits (no system call: see _IDS)."""
-    return f"{_IDS.getrandbits(bits):0{bits // 4}x}"
+    """A random id of bits / 4 hex digits (see _ID_BYTES)."""
+    size = bits // 8
+    with _ID_LOCK:
+        if len(_ID_BYTES) < size:
+            _ID_BYTES[:] = os.urandom(4096)
+        data = _ID_BYTES[:size]
+        del _ID_BYTES[:size]
+    return data.hex()
 
 
 def read_request_head(conn: Connection) -> bytes | None:

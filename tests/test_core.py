@@ -446,25 +446,46 @@ def test_new_ids_are_hex_of_their_size_and_distinct(core, bits):
     assert len(set(ids)) == len(ids)
 
 
-def no_urandom(monkeypatch):
-    """os.urandom (and uuid4, which calls it) now fail the test."""
+def counted_urandom(monkeypatch):
+    """Count the calls of os.urandom (uuid4 calls it too) from now on."""
+    calls = []
+    real = os.urandom
 
-    def refuse(size):
-        raise AssertionError("a system call for an id")
+    def counting(size):
+        calls.append(size)
+        return real(size)
 
-    monkeypatch.setattr(os, "urandom", refuse)
+    monkeypatch.setattr(os, "urandom", counting)
+    return calls
 
 
-def test_a_request_id_costs_no_system_call(core, monkeypatch):
+def test_request_ids_cost_a_system_call_per_512_not_each(core, monkeypatch):
     # getrandom() releases the GIL: under load, one more hand-over per request.
-    no_urandom(monkeypatch)
-    assert re.fullmatch("[0-9a-f]{16}", core.request_id(core.Headers([])))
+    calls = counted_urandom(monkeypatch)
+    ids = [core.request_id(core.Headers([])) for _ in range(2048)]
+    assert all(re.fullmatch("[0-9a-f]{16}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert len(calls) <= 5, calls  # 2048 ids of 8 bytes: 16 KiB of 4 KiB draws
     sent = core.Headers([("X-Request-Id", "abc-1")])
     assert core.request_id(sent) == "abc-1"
 
 
-def test_an_order_id_costs_no_system_call(monkeypatch):
-    no_urandom(monkeypatch)
+def test_ids_drawn_by_many_threads_at_once_are_all_distinct(core):
+    found = []
+
+    def draw():
+        found.extend([core.new_id(64) for _ in range(5000)])
+
+    threads = [threading.Thread(target=draw) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(found) == 40_000 and len(set(found)) == 40_000
+
+
+def test_order_ids_cost_a_system_call_per_256_not_each(monkeypatch):
+    calls = counted_urandom(monkeypatch)
     ids = []
     publisher = types.SimpleNamespace(publish=lambda body, mid, rid: ids.append(mid))
     body = b'{"user_id": 1, "number_of_items": 2, "total_amount": 3}'
@@ -473,7 +494,9 @@ def test_an_order_id_costs_no_system_call(monkeypatch):
         headers=gateway.Headers([]),
         request_id="r",
     )
-    for _ in range(2):
+    for _ in range(512):
         response = gateway.post_billing(req, publisher)
         assert response.headers["X-Message-Id"] == ids[-1]
-    assert ids[0] != ids[1] and all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert len(calls) <= 3, calls  # 512 ids of 16 bytes: 8 KiB

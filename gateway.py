@@ -924,17 +924,17 @@ class _QueueProbe:
     def state(self) -> tuple[int, int] | str:
         """(consumers, ready messages), or why unknown (Publisher.queue_state)."""
         with self._lock:
+            conn = self._session.conn
+            if conn is None or not self._session.ready.is_set():
+                return "RabbitMQ not connected"  # asks RabbitMQ nothing: not kept
             if time.monotonic() - self._time >= QUEUE_STATE_AGE:
-                self._state = self._read()
+                self._state = self._read(conn)
                 self._time = time.monotonic()
             return self._state
 
-    def _read(self) -> tuple[int, int] | str:
+    def _read(self, conn: Any) -> tuple[int, int] | str:
         """Have the ioloop thread run open_channel; wait QUEUE_STATE_WAIT at most."""
         future: Future[tuple[int, int]] = Future()
-        conn = self._session.conn
-        if conn is None or not self._session.ready.is_set():
-            return "RabbitMQ not connected"
         try:
             conn.ioloop.add_callback_threadsafe(
                 functools.partial(self.open_channel, future)

@@ -350,6 +350,20 @@ def test_health_reads_the_queue_at_most_about_once_a_second(queue):
         publisher.stop()
 
 
+def test_a_reading_taken_before_connecting_is_not_kept(queue, monkeypatch):
+    # /health asked while the gateway was still connecting used to keep
+    # "RabbitMQ not connected" for QUEUE_STATE_AGE after it had connected.
+    monkeypatch.setattr(gateway_module, "QUEUE_STATE_AGE", 60)
+    publisher = gateway_module.Publisher(helpers.rabbit_params(), queue)
+    assert publisher.queue_state() == "RabbitMQ not connected"
+    publisher.start()
+    try:
+        helpers.wait_for(publisher.ready.is_set, what="the publisher to connect")
+        assert publisher.queue_state() == (0, 0)
+    finally:
+        publisher.stop()
+
+
 def test_a_deleted_queue_does_not_stop_orders(procs, queue, inventory):
     port = helpers.free_port()
     gateway = procs("gateway", helpers.gateway_env(port, inventory.port, queue), port)

@@ -254,6 +254,19 @@ def queue_depth(name):
             conn.close()
 
 
+def drain_queue(queue):
+    """Take every message off queue; return [(properties, body)]."""
+    conn, channel = rabbit_channel()
+    got = []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        got.append((properties, body))
+    conn.close()
+    return got
+
+
 def publish_raw(queue, bodies, message_ids=None, declare=True):
     """Publish bodies straight to queue with confirms (as a person could)."""
     conn, channel = rabbit_channel()

@@ -14,22 +14,9 @@ import pytest
 ORDER = {"user_id": "20", "number_of_items": "99", "total_amount": "250"}
 
 
-def drain(queue):
-    """Take every message off queue; return [(properties, body)]."""
-    conn, channel = helpers.rabbit_channel()
-    got = []
-    while True:
-        method, properties, body = channel.basic_get(queue, auto_ack=True)
-        if method is None:
-            break
-        got.append((properties, body))
-    conn.close()
-    return got
-
-
 @pytest.fixture
 def empty_queue(gateway, queue_name):
-    drain(queue_name)
+    helpers.drain_queue(queue_name)
     return queue_name
 
 
@@ -182,7 +169,7 @@ def test_billing_publishes_confirmed_persistent_message(gateway, empty_queue):
     for path in ("/api/billing", "/api/billing/"):
         status, _, body = helpers.call(gateway.url, "POST", path, ORDER)
         assert status == 200 and body == {"message": "Message posted"}
-    messages = drain(empty_queue)
+    messages = helpers.drain_queue(empty_queue)
     assert len(messages) == 2
     for properties, body in messages:
         assert json.loads(body) == ORDER
@@ -199,7 +186,7 @@ def test_billing_idempotency_key_becomes_the_message_id(gateway, empty_queue):
             gateway.url, "POST", "/api/billing", order, {"Idempotency-Key": key}
         )
         assert status == 200, body
-    ids = [p.message_id for p, _ in drain(empty_queue)]
+    ids = [p.message_id for p, _ in helpers.drain_queue(empty_queue)]
     assert ids == [f"key:20:{key}", f"key:20:{key}", f"key:77:{key}"]
 
 
@@ -241,7 +228,7 @@ def test_billing_body_is_forwarded_verbatim(gateway, empty_queue):
         headers={"Content-Type": "application/json"},
     )
     assert status == 200
-    assert [body for _, body in drain(empty_queue)] == [raw]
+    assert [body for _, body in helpers.drain_queue(empty_queue)] == [raw]
 
 
 @pytest.mark.parametrize(
@@ -352,7 +339,7 @@ def test_concurrent_orders_each_confirmed_once(gateway, empty_queue):
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(post, range(500)))
     assert statuses == [200] * 500
-    messages = drain(empty_queue)
+    messages = helpers.drain_queue(empty_queue)
     assert len(messages) == 500
     assert sorted(json.loads(b)["user_id"] for _, b in messages) == list(range(1, 501))
     assert len({p.message_id for p, _ in messages}) == 500

@@ -283,18 +283,6 @@ def publish_in_one_wake_up(publisher, bodies):
     return writes
 
 
-def drain(queue):
-    """(message_id, body) of every message in queue, taken off it."""
-    conn, channel = helpers.rabbit_channel()
-    taken = []
-    while True:
-        method, properties, body = channel.basic_get(queue, auto_ack=True)
-        if method is None:
-            conn.close()
-            return taken
-        taken.append((properties.message_id, body))
-
-
 @settings(max_examples=15, deadline=None)
 @given(st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=10))
 def test_orders_of_one_wake_up_go_out_in_one_write_and_arrive_whole(
@@ -305,5 +293,5 @@ def test_orders_of_one_wake_up_go_out_in_one_write_and_arrive_whole(
     # pika sends each of a message's three frames (method, header, body) in
     # a system call of its own: here one write carries them all.
     assert len(writes) == 1, writes
-    got = sorted(drain(queue))
+    got = sorted((p.message_id, body) for p, body in helpers.drain_queue(queue))
     assert got == sorted((f"b{i}", body) for i, body in enumerate(bodies))

@@ -255,7 +255,8 @@ def publish_in_one_wake_up(publisher, bodies):
     real = _AsyncTransportBase._sigint_safe_send
 
     def counting(sock, data):
-        writes.append(len(data))
+        if data[0] != 8:  # not a heartbeat frame, which may come at any time
+            writes.append(len(data))
         return real(sock, data)
 
     calls = []

@@ -1,5 +1,6 @@
 """What an operator meets first: pinned versions and a direct launch that explains itself."""
 
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -128,3 +129,34 @@ def test_bench_own_stack_logs_the_services_in_as_guest():
     assert env["RABBITMQ_QUEUE"] != "billing_queue"
     for user in ("RABBITMQ_GATEWAY", "RABBITMQ_BILLING"):
         assert env[f"{user}_USER"] == env[f"{user}_PASSWORD"] == "guest"
+
+
+def test_bench_counts_the_context_switches_of_every_thread():
+    # bench/cpu.py's switches per request: a thread that sleeps gives up the
+    # CPU each time, and a thread other than the main one counts too.
+    import threading
+    import time
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import cpu
+
+    go, slept, end = threading.Event(), threading.Event(), threading.Event()
+
+    def sleeper():
+        go.wait()
+        for _ in range(50):
+            time.sleep(0.001)
+        slept.set()
+        end.wait()
+
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    before = cpu.switches(os.getpid())
+    go.set()
+    slept.wait()
+    during = cpu.switches(os.getpid())
+    end.set()
+    thread.join()
+    assert during - before >= 50
+    # Why bench/cpu.py counts while the load runs: an ended thread's count is gone.
+    assert cpu.switches(os.getpid()) < during - 40

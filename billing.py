@@ -59,6 +59,7 @@ PARSE_TIMEOUT = 5  # seconds to parse a message (or batch); a hang beyond is a c
 MAX_ORDER_BODY = 64 * 1024  # bytes; one order is ~80
 MAX_DB_INT = 2**31 - 1
 MAX_AMOUNT = Decimal("9999999999.99")
+CENTS = Decimal("0.01")  # total_amount's scale
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
 _INTEGER = re.compile(r"[0-9]{1,10}")
 _AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
@@ -196,7 +197,8 @@ def check_positive_int(value: object, field: str) -> int:
 
 
 def check_amount(value: object, field: str) -> Decimal:
-    """Accept an amount >= 0 with at most two decimals, as a number or string."""
+    """Accept an amount >= 0 with at most two decimals, as a number or string;
+    return it with exactly two (1.000...0 has a scale PostgreSQL refuses)."""
     if isinstance(value, str) and _AMOUNT.fullmatch(value):
         value = Decimal(value)
     if type(value) is int:
@@ -205,10 +207,10 @@ def check_amount(value: object, field: str) -> Decimal:
         not isinstance(value, Decimal)
         or not value.is_finite()
         or not 0 <= value <= MAX_AMOUNT
-        or value != value.quantize(Decimal("0.01"), rounding="ROUND_DOWN")
+        or value != value.quantize(CENTS, rounding="ROUND_DOWN")
     ):
         raise InvalidOrder(f"'{field}' must be an amount from 0 to {MAX_AMOUNT}")
-    return value
+    return value.quantize(CENTS)
 
 
 def parse_order(body: bytes) -> Order:

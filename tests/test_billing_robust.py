@@ -45,7 +45,15 @@ WEIRD_NUMBERS = [
     "Infinity",
     "-Infinity",
     "1" * 30 + "e-20",
+    # Amounts equal to a two-decimal value, written with a scale PostgreSQL's
+    # numeric refuses (over 16383 digits after the point): stored as that value.
+    "1." + "0" * 16384,
+    "0e-16384",
+    "0E-999999999",
+    "0.0e-32768",
+    "5" + "0" * 16390 + "e-16390",
 ]
+HUGE_SCALES = WEIRD_NUMBERS[-5:]
 NUMBER_TEXT = st.one_of(
     st.sampled_from(WEIRD_NUMBERS),
     st.integers().map(str),
@@ -102,7 +110,7 @@ def assert_storable(values):
     assert type(items) is int and 1 <= items <= 2**31 - 1
     assert isinstance(amount, Decimal) and amount.is_finite()
     assert 0 <= amount <= Decimal("9999999999.99")
-    assert amount == amount.quantize(Decimal("0.01"))
+    assert amount.as_tuple().exponent == -2  # as numeric(12, 2) stores it
 
 
 # --- 1. The parser, on anything ---
@@ -118,6 +126,30 @@ def test_weird_numbers_are_an_order_or_a_reason(number):
             verdict, values = outcome(body.encode())
             if verdict == "order":
                 assert_storable(values)
+
+
+@pytest.mark.parametrize("number", HUGE_SCALES, ids=lambda n: n[:12])
+def test_an_amount_with_a_huge_scale_is_stored_as_its_value(billing_db, number):
+    body = f'{{"user_id": 1, "number_of_items": 1, "total_amount": {number}}}'
+    verdict, values = outcome(body.encode())
+    assert verdict == "order"
+    with (
+        helpers.admin_connect(billing_db) as conn,
+        conn.transaction(force_rollback=True),
+    ):
+        row = conn.execute(
+            billing.QUERIES["insert_orders"],
+            {
+                "user_ids": [1],
+                "numbers_of_items": [1],
+                "total_amounts": [values[2]],
+                "message_ids": ["huge-scale"],
+            },
+        ).fetchone()
+        stored = conn.execute(
+            "SELECT total_amount FROM orders WHERE message_id = 'huge-scale'"
+        ).fetchone()
+    assert row is not None and stored[0] == Decimal(number)
 
 
 def test_the_reviewers_amount_is_dead_lettered_with_a_reason():
@@ -230,6 +262,24 @@ def test_huge_exponent_is_dead_lettered_and_billing_stays_up(consumer, queue):
         lambda: helpers.queue_depth(f"{queue}.dead") == 1, what="the dead letter"
     )
     assert "rejected message 'h-poison': 'total_amount' must be" in consumer.tail()
+
+
+def test_amounts_with_a_huge_scale_are_stored_not_dead_lettered(consumer, queue):
+    # The reviewer's 200 that was lost: "1." and 16,384 zeros passed both
+    # checks, then PostgreSQL refused the insert and billing dead-lettered it.
+    bodies = [
+        f'{{"user_id": {i}, "number_of_items": 1, "total_amount": {n}}}'.encode()
+        for i, n in enumerate(HUGE_SCALES, 1)
+    ]
+    helpers.publish_raw(queue, bodies, [f"scale-{i}" for i in range(len(bodies))])
+    consumer.start()
+    helpers.wait_for(lambda: len(stored()) == len(bodies), what="every order")
+    amounts = helpers.rows(
+        helpers.BILLING_TEST_DB, "SELECT total_amount FROM orders ORDER BY user_id"
+    )
+    assert [a for (a,) in amounts] == [Decimal(n) for n in HUGE_SCALES]
+    assert helpers.queue_depth(f"{queue}.dead") == 0
+    assert_channel_never_closed(consumer)
 
 
 def test_nack_then_ack_never_stores_an_order_twice(consumer, queue):

@@ -431,11 +431,13 @@ def parse_id(text: str) -> int:
     """Turn a path segment into a movie id: 400 if malformed, 404 if out of range."""
     if not text.isascii() or not text.isdigit():
         raise _bad("movie id must be a positive integer")
-    if len(text.lstrip("0")) > 10 or int(text) > MAX_DB_INT:
-        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {text} not found")
-    if int(text) == 0:
+    digits = text.lstrip("0")  # int() refuses over 4,300 digits, zeros too
+    if len(digits) > 10 or int(digits or "0") > MAX_DB_INT:
+        shown = digits if len(digits) <= 20 else digits[:20] + "..."
+        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {shown} not found")
+    if not digits:
         raise _bad("movie id must be a positive integer")
-    return int(text)
+    return int(digits)
 
 
 def parse_count(query: dict[str, str], name: str, low: int, high: int) -> int | None:

@@ -5,6 +5,10 @@ import time
 
 import helpers
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import inventory as inventory_module
 
 JSON = {"Content-Type": "application/json"}
 
@@ -230,6 +234,33 @@ def test_bad_and_unknown_ids(inventory, clean_movies, path, status):
     for method, body in (("GET", None), ("PUT", {"title": "x"}), ("DELETE", None)):
         got, _, answer = helpers.call(inventory.url, method, path, body)
         assert got == status and answer["error"], (method, path)
+
+
+def test_an_id_after_thousands_of_zeros_is_that_id(inventory, clean_movies):
+    # int() refuses over 4,300 digits: the zeros once gave a 500.
+    movie = create(inventory.url, "Zeros")
+    zeros = "0" * 5000
+    for method, body in (("GET", None), ("PUT", {"title": "y"}), ("DELETE", None)):
+        path = f"/api/movies/{zeros}{movie['id']}"
+        got, _, answer = helpers.call(inventory.url, method, path, body)
+        assert got in (200, 204) and answer != {"error": "internal error"}, method
+    assert helpers.call(inventory.url, "GET", f"/api/movies/{zeros}")[0] == 400
+    got, _, answer = helpers.call(
+        inventory.url, "GET", f"/api/movies/{zeros}{'9' * 30}"
+    )
+    assert got == 404 and len(answer["error"]) < 100
+
+
+@given(st.integers(0, 6000), st.integers(0, 2**40))
+def test_parse_id_reads_leading_zeros_as_nothing(zeros, number):
+    text = "0" * zeros + str(number)
+    try:
+        assert inventory_module.parse_id(text) == number
+        assert 1 <= number <= 2**31 - 1
+    except inventory_module.ApiError as exc:
+        assert exc.status == (400 if number == 0 else 404)
+        assert number == 0 or number > 2**31 - 1
+        assert len(exc.message) < 100
 
 
 def test_unknown_path_and_wrong_method(inventory):

@@ -97,7 +97,7 @@ HOP_BY_HOP = {
 }
 DROP_FROM_UPSTREAM = HOP_BY_HOP | {"server", "date"}
 _CONTROL_IN_VALUE = re.compile(r"[\r\n\x00]")  # never forwarded raw
-_ASSET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_ASSET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file name's size
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # visible ASCII
 
 # --- shared: order (identical in gateway.py, billing.py) ---
@@ -1199,7 +1199,8 @@ def get_docs_asset(req: Request, name: str) -> Response:
     """GET /docs/<file>: Swagger UI's files, installed from npm by the setup."""
     path = DOCS_ASSETS / name
     if not _ASSET.fullmatch(name) or not path.is_file():
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {name} (run npm ci)")
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {shown} (run npm ci)")
     kinds = {".css": "text/css", ".js": "text/javascript", ".png": "image/png"}
     ctype = kinds.get(path.suffix, "application/octet-stream")
     return Response(HTTPStatus.OK, path.read_bytes(), {"Content-Type": ctype})

@@ -10,6 +10,9 @@ import time
 
 import helpers
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 ORDER = {"user_id": "20", "number_of_items": "99", "total_amount": "250"}
 
@@ -432,3 +435,14 @@ def test_docs_assets_come_from_node_modules(gateway):
         assert len(body) > 100
     status, _, body = helpers.call(gateway.url, "GET", "/docs")
     assert b"http" not in body.replace(b"http-equiv", b"")  # nothing from a CDN
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.text("abcXYZ019._-~%", min_size=1, max_size=20).map(lambda s: s * 30)
+    | st.sampled_from(["a" * 256, "a" * 5000, "swagger-ui.css" + "x" * 300])
+)
+def test_docs_names_longer_than_a_file_name_are_404(gateway, name):
+    # A name over 255 bytes made the file system refuse the lookup: a 500.
+    status, _, body = helpers.call(gateway.url, "GET", f"/docs/{name}")
+    assert status == 404 and len(body["error"]) < 200, (status, body)

@@ -737,7 +737,10 @@ class Request:
         conn: Connection,
     ) -> None:
         self.method, self.target, self.version, self.headers = head
-        self.path = urlsplit(self.target).path
+        try:
+            self.path = urlsplit(self.target).path
+        except ValueError:  # an absolute URL whose host is not one: http://[::1/
+            raise ApiError(HTTPStatus.BAD_REQUEST, "malformed URL") from None
         self.client, self.request_id = client, request_id(self.headers)
         self.length, self.keep_alive, self.expect_100 = read_framing(
             self.headers, self.version

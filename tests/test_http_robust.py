@@ -615,6 +615,32 @@ def test_raw_utf8_in_url_is_understood(server, clean_movies):
     assert answer.startswith(b"HTTP/1.1 400 ")
 
 
+@pytest.mark.parametrize(
+    "target",
+    ["http://[::1/api/movies", "http://]/api/movies", "http://a[b]/api/movies/1"],
+)
+def test_an_absolute_url_with_a_broken_host_is_400(server, target):
+    # urlsplit() raised ValueError: the connection closed without an answer.
+    answer = raw_exchange(server.port, f"GET {target} HTTP/1.1\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"error"' in answer, answer
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.text(
+        st.characters(min_codepoint=0x21, max_codepoint=0x7E) | st.sampled_from("é€"),
+        max_size=40,
+    ).map(lambda rest: "http://" + rest)
+    | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40)
+)
+def test_any_request_target_gets_an_answer_under_500(server, target):
+    answer = raw_exchange(
+        server.port, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+    assert 200 <= int(answer[9:12]) < 500, answer[:200]
+
+
 @pytest.mark.parametrize("char", [b"\x01", b"\x7f"])
 def test_control_characters_in_url_are_400(server, char):
     answer = raw_exchange(

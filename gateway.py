@@ -41,7 +41,6 @@ import time
 from collections.abc import Callable
 from collections.abc import Generator
 from collections.abc import Iterator
-from collections.abc import Mapping
 from concurrent.futures import Future
 from decimal import Decimal
 from http import HTTPStatus
@@ -354,11 +353,11 @@ class _Reader(Protocol):
 
 
 def write_request(
-    method: str, target: str, host: str, headers: Mapping[str, str], body: bytes | None
+    method: str, target: str, host: str, headers: Fields, body: bytes | None
 ) -> bytes:
     """A request's bytes, head and body for one write; refuse CR, LF or NUL."""
     head = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    for name, value in headers.items():
+    for name, value in headers:
         line = f"{name}: {value}"
         if _CONTROL_IN_VALUE.search(line):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"cannot forward header {name}")
@@ -502,7 +501,7 @@ class Upstream:
             conn.close()
 
     def request(
-        self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]
+        self, method: str, path: str, body: bytes | None, headers: Fields
     ) -> tuple[int, Fields, bytes | Iterator[bytes]]:
         """Send one request; return (status, headers, body or its chunks)."""
         data = write_request(method, path, f"{self.host}:{self.port}", headers, body)
@@ -1126,9 +1125,9 @@ def proxy_movies(req: Request, upstream: Upstream) -> Response:
     body = None
     if req.method in ("POST", "PUT") or req.length:
         body = req.read_body(MAX_PROXY_BODY)
-    headers = {k: v for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP}
-    headers["X-Forwarded-For"] = req.client[0]
-    headers["X-Request-Id"] = req.request_id
+    # Every line, in order: two lines of one name are not the last one's alone.
+    headers = [(k, v) for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP]
+    headers += [("X-Forwarded-For", req.client[0]), ("X-Request-Id", req.request_id)]
     status, upstream_headers, data = upstream.request(
         req.method, req.target, body, headers
     )
@@ -1157,7 +1156,7 @@ def health(req: Request | None, upstream: Upstream, publisher: Publisher) -> Res
     report: dict[str, object] = {"status": "ok", "inventory": "ok", "rabbitmq": "ok"}
     report["billing"] = "ok"
     try:
-        status, _, _ = upstream.request("GET", "/health", None, {})
+        status, _, _ = upstream.request("GET", "/health", None, [])
         if status >= 500:
             report["inventory"] = f"answers {status}"
     except ApiError as exc:

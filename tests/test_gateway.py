@@ -26,6 +26,9 @@ def empty_queue(gateway, queue_name):
 # --- Movies: a faithful proxy ---
 
 
+JSON = "application/json"
+
+
 def both(gateway, inventory, method, path, body=None, raw=None, headers=None):
     """The same request to inventory and through the gateway."""
     direct = helpers.call(inventory.url, method, path, body, headers, raw)
@@ -446,3 +449,32 @@ def test_docs_names_longer_than_a_file_name_are_404(gateway, name):
     # A name over 255 bytes made the file system refuse the lookup: a 500.
     status, _, body = helpers.call(gateway.url, "GET", f"/docs/{name}")
     assert status == 404 and len(body["error"]) < 200, (status, body)
+
+
+def raw_answer(port, request):
+    """Send raw bytes with Connection: close; the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+
+
+@pytest.mark.parametrize(
+    "first, second", [("text/plain", "application/json"), ("application/json", "x/y")]
+)
+def test_a_repeated_header_reaches_inventory_whole(gateway, inventory, first, second):
+    # The gateway kept only the last of two Content-Type lines: 201 for what
+    # inventory itself refuses with 415.
+    body = b'{"title": "Twice"}'
+    request = (
+        b"POST /api/movies HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        + f"Content-Type: {first}\r\nContent-Type: {second}\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    direct = raw_answer(inventory.port, request)
+    proxied = raw_answer(gateway.port, request)
+    assert direct[:12] == proxied[:12], (direct[:12], proxied[:12])
+    assert direct[:12] == (b"HTTP/1.1 415" if first != JSON else b"HTTP/1.1 201")

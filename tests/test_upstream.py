@@ -71,7 +71,7 @@ def client(*links):
 
 def get(upstream, method="GET", body=None, headers=None):
     """One request; a chunked body is read to its end."""
-    status, fields, data = upstream.request(method, "/api/movies", body, headers or {})
+    status, fields, data = upstream.request(method, "/api/movies", body, headers or [])
     return status, fields, data if isinstance(data, bytes) else b"".join(data)
 
 
@@ -105,7 +105,7 @@ def chunked(*chunks, trailer=b""):
 def test_request_goes_in_one_write():
     link = FakeLink(json_answer(b"{}", b"201 Created"))
     upstream = client(link)
-    status, fields, body = get(upstream, "POST", b'{"a": 1}', {"X-Request-Id": "r1"})
+    status, fields, body = get(upstream, "POST", b'{"a": 1}', [("X-Request-Id", "r1")])
     assert (status, body) == (201, b"{}")
     assert fields == [("Content-Length", "2")]
     assert link.sock.sent == [
@@ -141,7 +141,7 @@ def test_empty_body_is_sent_with_length_zero():
 def test_header_injection_is_refused_before_connecting(name, value):
     upstream = client()  # any connection would fail the test
     with pytest.raises(gateway.ApiError) as err:
-        get(upstream, headers={name: value})
+        get(upstream, headers=[(name, value)])
     assert err.value.status == 400
     assert err.value.message == f"cannot forward header {name}"
 
@@ -159,7 +159,7 @@ def test_chunks_with_extensions_and_trailers_then_reuse():
     answer += b"3;x=1\r\nabc\r\n1 ; y\r\nd\r\n0\r\nT: 1\r\nU: 2\r\n\r\n"
     link = FakeLink(answer + json_answer(b"{}"))
     upstream = client(link)
-    status, _, data = upstream.request("GET", "/api/movies", None, {})
+    status, _, data = upstream.request("GET", "/api/movies", None, [])
     assert status == 200 and not isinstance(data, bytes)
     assert list(data) == [b"abc", b"d"]
     assert get(upstream)[2] == b"{}"
@@ -291,7 +291,7 @@ def test_malformed_chunks_stop_the_relay(body):
     # The status is sent by then: the relay raises what the handler catches
     # (it cuts the client's connection) and the link is not reused.
     link = FakeLink(OK + b"Transfer-Encoding: chunked\r\n\r\n" + body)
-    status, _, data = client(link).request("GET", "/api/movies", None, {})
+    status, _, data = client(link).request("GET", "/api/movies", None, [])
     assert status == 200
     with pytest.raises(http.client.HTTPException):
         list(data)
@@ -300,7 +300,7 @@ def test_malformed_chunks_stop_the_relay(body):
 
 def test_relay_stopped_early_closes_the_link():
     link = FakeLink(chunked(b"abc", b"def"))
-    _, _, data = client(link).request("GET", "/api/movies", None, {})
+    _, _, data = client(link).request("GET", "/api/movies", None, [])
     assert next(data) == b"abc"
     data.close()  # the client went away
     assert link.closed
@@ -372,7 +372,7 @@ ANSWERS = st.lists(st.sampled_from(PIECES) | st.binary(max_size=6), max_size=12)
 def test_any_answer_is_a_result_or_a_gateway_error(answer, method):
     upstream = client(FakeLink(answer), FakeLink(answer))
     try:
-        status, fields, data = upstream.request(method, "/api/movies", None, {})
+        status, fields, data = upstream.request(method, "/api/movies", None, [])
     except gateway.ApiError as exc:
         assert exc.status == 502
         return
@@ -391,14 +391,14 @@ def reader(data):
 
 
 def test_write_request_with_and_without_body():
-    data = gateway.write_request("GET", "/x?a=1", "h:1", {"A": "1", "B": ""}, None)
+    data = gateway.write_request("GET", "/x?a=1", "h:1", [("A", "1"), ("B", "")], None)
     assert data == b"GET /x?a=1 HTTP/1.1\r\nHost: h:1\r\nA: 1\r\nB: \r\n\r\n"
-    data = gateway.write_request("DELETE", "/x", "h:1", {}, b"ab")
+    data = gateway.write_request("DELETE", "/x", "h:1", [], b"ab")
     assert data == b"DELETE /x HTTP/1.1\r\nHost: h:1\r\nContent-Length: 2\r\n\r\nab"
 
 
 def test_write_request_keeps_latin1_values():
-    data = gateway.write_request("GET", "/", "h", {"X-A": "caf\xe9"}, None)
+    data = gateway.write_request("GET", "/", "h", [("X-A", "caf\xe9")], None)
     assert b"X-A: caf\xe9\r\n" in data
 
 

@@ -1400,6 +1400,10 @@ class Request:
         self.length, self.keep_alive, self.expect_100 = read_framing(
             self.headers, self.version
         )
+        hosts = len(self.headers.get_all("Host"))
+        if hosts > 1 or (hosts == 0 and self.version != "HTTP/1.0"):
+            # RFC 9112 3.2: which host is meant is then anyone's guess.
+            raise ApiError(HTTPStatus.BAD_REQUEST, "send one Host header")
         self.body_read = False
         self._conn = conn
 

@@ -266,7 +266,7 @@ def test_an_idle_connection_ends_silently_at_the_deadline(pair, core):
 def test_a_body_cut_short_is_408_and_ends_keep_alive(pair, core):
     conn, client = pair
     conn.deadline = core.Deadline(0.2)
-    client.sendall(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345")
+    client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
     req = core.Request(core.parse_head(core.read_request_head(conn)), ("1", 2), conn)
     assert status_of(core, req.read_body, 100) == 408
     assert not req.keep_alive and req.body_read
@@ -274,7 +274,9 @@ def test_a_body_cut_short_is_408_and_ends_keep_alive(pair, core):
 
 def test_expect_100_is_sent_only_when_the_body_is_read(pair, core):
     conn, client = pair
-    head = b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n"
+    head = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n"
+    )
     client.sendall(head + b"Content-Type: text/plain\r\n\r\n")
     req = core.Request(core.parse_head(core.read_request_head(conn)), ("1", 2), conn)
     assert status_of(core, req.read_body, 100, True) == 415

@@ -616,6 +616,25 @@ def test_raw_utf8_in_url_is_understood(server, clean_movies):
 
 
 @pytest.mark.parametrize(
+    "head, status",
+    [
+        (b"GET /api/movies HTTP/1.1\r\n\r\n", 400),
+        (b"GET /api/movies HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /api/movies HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", 400),
+        (b"GET /api/movies HTTP/1.0\r\n\r\n", 200),  # Host came with 1.1
+        (b"GET /api/movies HTTP/1.1\r\nhost: a\r\nConnection: close\r\n\r\n", 200),
+    ],
+)
+def test_an_http11_request_names_one_host(server, clean_movies, head, status):
+    # RFC 9112 3.2: no Host, or two, is a 400, and the connection closes.
+    answer = raw_exchange(server.port, head + b"GET /api/movies HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+    assert answer.count(b"HTTP/1.1 ") == 1
+    if status == 400:
+        assert b"send one Host header" in answer
+
+
+@pytest.mark.parametrize(
     "target",
     ["http://[::1/api/movies", "http://]/api/movies", "http://a[b]/api/movies/1"],
 )

@@ -271,7 +271,7 @@ def validate_order(data: dict[str, Any]) -> int:
     """Check an order object: exactly the three fields, each valid; its user_id."""
     unknown = sorted(set(data) - set(ORDER_FIELDS))
     if unknown:
-        raise _bad(f"unknown field '{unknown[0]}'")
+        raise _bad(f"unknown field '{clip(unknown[0])}'")
     for field in ORDER_FIELDS:
         if field not in data:
             raise _bad(f"'{field}' is required")
@@ -1198,8 +1198,7 @@ def get_docs_asset(req: Request, name: str) -> Response:
     """GET /docs/<file>: Swagger UI's files, installed from npm by the setup."""
     path = DOCS_ASSETS / name
     if not _ASSET.fullmatch(name) or not path.is_file():
-        shown = name if len(name) <= 80 else name[:80] + "..."
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {shown} (run npm ci)")
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {clip(name)} (run npm ci)")
     kinds = {".css": "text/css", ".js": "text/javascript", ".png": "image/png"}
     ctype = kinds.get(path.suffix, "application/octet-stream")
     return Response(HTTPStatus.OK, path.read_bytes(), {"Content-Type": ctype})
@@ -1418,7 +1417,10 @@ class Request:
             raise ApiError(
                 HTTPStatus.BAD_REQUEST, "query string is not valid UTF-8"
             ) from None
-        return {name: values[-1] for name, values in pairs.items()}
+        for name, values in pairs.items():
+            if len(set(values)) > 1:  # which one was meant? none is guessed
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"send '{clip(name)}' once")
+        return {name: values[0] for name, values in pairs.items()}
 
     def read_body(self, limit: int, json_only: bool = False) -> bytes:
         """The body: 415 if not JSON (when asked), 413 over limit, 408 if cut short."""
@@ -1444,6 +1446,11 @@ class Request:
                 HTTPStatus.REQUEST_TIMEOUT, "request body not received in time"
             )
         return body
+
+
+def clip(text: str, size: int = 80) -> str:
+    """text for an error message: at most size characters of what was sent."""
+    return text if len(text) <= size else text[:size] + "..."
 
 
 def request_id(headers: Headers) -> str:
@@ -1613,10 +1620,10 @@ class Router:
                     return handler, found.groupdict()
                 allowed.append(route_method)
         if not allowed:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {clip(path)}")
         raise ApiError(
             HTTPStatus.METHOD_NOT_ALLOWED,
-            f"{method} not allowed",
+            f"{clip(method)} not allowed",
             {"Allow": ", ".join(allowed)},
         )
 

@@ -413,7 +413,7 @@ def validate_movie(
     """Check a movie body; return (title, description), None where omitted."""
     unknown = sorted(set(data) - {"title", "description"})
     if unknown:
-        raise _bad(f"unknown field '{unknown[0]}'")
+        raise _bad(f"unknown field '{clip(unknown[0])}'")
     if not partial and "title" not in data:
         raise _bad("'title' is required")
     if partial and not data:
@@ -433,8 +433,7 @@ def parse_id(text: str) -> int:
         raise _bad("movie id must be a positive integer")
     digits = text.lstrip("0")  # int() refuses over 4,300 digits, zeros too
     if len(digits) > 10 or int(digits or "0") > MAX_DB_INT:
-        shown = digits if len(digits) <= 20 else digits[:20] + "..."
-        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {shown} not found")
+        raise ApiError(HTTPStatus.NOT_FOUND, f"movie {clip(digits, 20)} not found")
     if not digits:
         raise _bad("movie id must be a positive integer")
     return int(digits)
@@ -763,7 +762,10 @@ class Request:
             raise ApiError(
                 HTTPStatus.BAD_REQUEST, "query string is not valid UTF-8"
             ) from None
-        return {name: values[-1] for name, values in pairs.items()}
+        for name, values in pairs.items():
+            if len(set(values)) > 1:  # which one was meant? none is guessed
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"send '{clip(name)}' once")
+        return {name: values[0] for name, values in pairs.items()}
 
     def read_body(self, limit: int, json_only: bool = False) -> bytes:
         """The body: 415 if not JSON (when asked), 413 over limit, 408 if cut short."""
@@ -789,6 +791,11 @@ class Request:
                 HTTPStatus.REQUEST_TIMEOUT, "request body not received in time"
             )
         return body
+
+
+def clip(text: str, size: int = 80) -> str:
+    """text for an error message: at most size characters of what was sent."""
+    return text if len(text) <= size else text[:size] + "..."
 
 
 def request_id(headers: Headers) -> str:
@@ -958,10 +965,10 @@ class Router:
                     return handler, found.groupdict()
                 allowed.append(route_method)
         if not allowed:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such path: {clip(path)}")
         raise ApiError(
             HTTPStatus.METHOD_NOT_ALLOWED,
-            f"{method} not allowed",
+            f"{clip(method)} not allowed",
             {"Allow": ", ".join(allowed)},
         )
 

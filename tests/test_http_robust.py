@@ -718,3 +718,39 @@ def test_idle_client_is_timed_out(server):
         start = time.monotonic()
         assert sock.recv(4096) == b""  # idle: closed without a word
         assert 5 < time.monotonic() - start < 15
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=abc&limit=1",
+        "limit=99999999999&limit=1",
+        "offset=-5&offset=0&limit=1",
+        "title=%00&title=x",
+        "title=a&title=b",
+    ],
+)
+def test_a_query_parameter_sent_twice_with_two_values_is_400(server, query):
+    # The last value won: an earlier malformed one was never checked.
+    status, _, body = helpers.call(server.url, "GET", f"/api/movies?{query}")
+    assert status == 400 and "once" in body["error"], (status, body)
+    status, _, _ = helpers.call(server.url, "GET", "/api/movies?limit=1&limit=1")
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("GET", "/" + "a" * 60000, None),
+        ("X" * 60000, "/health", None),
+        ("POST", "/api/movies", {"k" * 500000: 1}),
+        ("POST", "/api/billing", {"k" * 60000: 1}),
+    ],
+)
+def test_an_error_quotes_at_most_80_characters_of_what_was_sent(
+    server, method, path, body
+):
+    if path == "/api/billing" and server.name != "gateway":
+        pytest.skip("inventory has no /api/billing")
+    status, _, answer = helpers.call(server.url, method, path, body)
+    assert 400 <= status < 500 and len(answer["error"]) < 200, (status, answer)

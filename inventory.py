@@ -588,6 +588,11 @@ _ID_LOCK = threading.Lock()
 MAX_HEADERS = 100  # header lines in a request (http.client's limit)
 WRITE_TIMEOUT = REQUEST_TIMEOUT + 5  # seconds one send may wait for a slow reader
 TIMEOUT_SLACK = 0.05  # seconds a read may outlast the request's deadline
+# A body refused unread is read and dropped, up to this much for this long,
+# before closing: a close with data unread sends a reset, and a client still
+# sending would lose the answer (nginx's lingering close does the same).
+DISCARD_BYTES = 16 * 1024 * 1024
+DISCARD_SECONDS = 2.0
 JSON = "application/json"
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
@@ -670,6 +675,16 @@ class Connection:
         data = bytes(self.buffer[:size])
         del self.buffer[:size]
         return data
+
+    def discard(self, size: int) -> None:
+        """Read and drop up to size bytes (see DISCARD_BYTES), then stop."""
+        self.deadline = Deadline(DISCARD_SECONDS)
+        left = min(size, DISCARD_BYTES) - len(self.buffer)
+        self.buffer.clear()
+        with contextlib.suppress(OSError):  # TimeoutError and resets alike
+            while left > 0 and self.fill():
+                left -= len(self.buffer)
+                self.buffer.clear()
 
     def send(self, *parts: bytes) -> None:
         """Send all of parts, in one system call while the socket takes them
@@ -1102,6 +1117,8 @@ class Handler(StreamRequestHandler):
             )
         finally:
             self.server.busy.discard(conn)
+        if req.length and not req.body_read:
+            conn.discard(req.length)
         _log_access(req.method, req.target, response.status, started, req.request_id)
         return keep_alive
 

@@ -754,3 +754,19 @@ def test_an_error_quotes_at_most_80_characters_of_what_was_sent(
         pytest.skip("inventory has no /api/billing")
     status, _, answer = helpers.call(server.url, method, path, body)
     assert 400 <= status < 500 and len(answer["error"]) < 200, (status, answer)
+
+
+@pytest.mark.parametrize("size", [4 * 1024 * 1024, 12 * 1024 * 1024])
+def test_a_refused_body_still_sent_in_full_gets_its_answer(server, size):
+    # 413 at once, then the server closed with the body unread: the kernel
+    # sent a reset, and a client still sending lost the answer (BrokenPipe).
+    head = (
+        b"POST /api/movies HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % size
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(head)
+        time.sleep(0.2)  # the answer is on its way before the body
+        sock.sendall(b"x" * size)
+        answer = recv_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'"error"' in answer, answer[:80]

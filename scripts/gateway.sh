@@ -12,6 +12,7 @@ require_env GATEWAY_HOST GATEWAY_PORT INVENTORY_HOST INVENTORY_PORT \
   RABBITMQ_HOST RABBITMQ_PORT RABBITMQ_GATEWAY_USER RABBITMQ_GATEWAY_PASSWORD RABBITMQ_QUEUE
 
 log "gateway: provisioning in $REPO_DIR"
+ensure_firewall "$GATEWAY_HOST" "$GATEWAY_PORT"
 apt_install curl
 ensure_venv gateway "$(service_user gateway)"
 ensure_node_pm2

@@ -650,6 +650,82 @@ ensure_logrotate() {
   systemctl enable --quiet --now logrotate.timer
 }
 
+# --- Firewall ---
+
+FIREWALL_TABLE=movie_shop
+FIREWALL_FILE=/etc/movie-shop/firewall.nft
+FIREWALL_UNIT=movie-shop-firewall.service
+
+# ensure_firewall ADDRESS RULE...: on a VM (ADDRESS, where its service listens,
+# not loopback, and systemd runs), admit only loopback, SSH, ICMP, answers to
+# the VM's own connections and each RULE: PORT (from anywhere) or PORT:SOURCE
+# (from that IPv4 address only); a TCP connection to anything else is reset.
+# The rules load now and at every boot, before the network comes up.
+ensure_firewall() {
+  local address="$1" rule port source allow=() changed=0
+  shift
+  if is_loopback "$address" || ! is_systemd; then
+    return 0
+  fi
+  for rule in "$@"; do
+    port="${rule%%:*}"
+    source="${rule#"$port"}"
+    source="${source#:}"
+    [[ "$port" =~ ^[0-9]{1,5}$ ]] || die "firewall: '$port' is not a port"
+    if [[ -z "$source" ]]; then
+      allow+=("    tcp dport $port accept")
+    elif [[ "$source" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]]; then
+      allow+=("    ip saddr $source tcp dport $port accept")
+    else
+      die "firewall: '$source' is not an IPv4 address"
+    fi
+  done
+  apt_install nftables
+  # The first two lines make loading the file again replace the table whole.
+  if write_file "$FIREWALL_FILE" \
+    "# Managed by scripts/lib.sh: what this VM admits, by its role." \
+    "table inet $FIREWALL_TABLE" \
+    "delete table inet $FIREWALL_TABLE" \
+    "table inet $FIREWALL_TABLE {" \
+    "  chain input {" \
+    "    type filter hook input priority filter; policy drop;" \
+    "    iif lo accept" \
+    "    ct state established,related accept" \
+    "    ct state invalid drop" \
+    "    meta l4proto { icmp, ipv6-icmp } accept" \
+    "    tcp dport 22 accept  # SSH: vagrant ssh" \
+    "${allow[@]}" \
+    "    meta l4proto tcp reject with tcp reset" \
+    "    reject" \
+    "  }" \
+    "}"; then
+    changed=1
+  fi
+  if write_file "/etc/systemd/system/$FIREWALL_UNIT" \
+    "# Managed by scripts/lib.sh: loads $FIREWALL_FILE at boot." \
+    "[Unit]" \
+    "Description=Movie shop firewall" \
+    "DefaultDependencies=no" \
+    "Wants=network-pre.target" \
+    "Before=network-pre.target shutdown.target" \
+    "Conflicts=shutdown.target" \
+    "[Service]" \
+    "Type=oneshot" \
+    "RemainAfterExit=yes" \
+    "ExecStart=/usr/sbin/nft -f $FIREWALL_FILE" \
+    "ExecStop=/usr/sbin/nft delete table inet $FIREWALL_TABLE" \
+    "[Install]" \
+    "WantedBy=sysinit.target"; then
+    changed=1
+    systemctl daemon-reload
+  fi
+  systemctl enable --quiet "$FIREWALL_UNIT"
+  if ((changed)) || ! nft list table inet "$FIREWALL_TABLE" >/dev/null 2>&1; then
+    log "firewall: admitting SSH and ${*:-nothing else}"
+    systemctl restart "$FIREWALL_UNIT"
+  fi
+}
+
 # --- Files ---
 
 # write_file PATH LINE...: write the lines to PATH; true only if PATH changed.

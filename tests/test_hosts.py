@@ -483,6 +483,118 @@ def test_network_as_designed(three_hosts):
         figure(f"listening on {name}: {shown}")
 
 
+# Who may open a TCP connection to what, beyond loopback: (from, to, port).
+# Everything else is refused (a reset, not a silence), checked both ways between
+# every pair of hosts and from the reviewer's computer (the bridge's address).
+REVIEWER = "reviewer"
+PROBED_PORTS = sorted(
+    {
+        "22",
+        VM_ENV["GATEWAY_PORT"],
+        VM_ENV["INVENTORY_PORT"],
+        VM_ENV["RABBITMQ_PORT"],
+        "5432",
+        "4369",
+        "25672",
+    },
+    key=int,
+)
+REACHABLE = {
+    (client, GATEWAY_VM, VM_ENV["GATEWAY_PORT"])
+    for client in (REVIEWER, GATEWAY_VM, INVENTORY_VM, BILLING_VM)
+} | {
+    (GATEWAY_VM, INVENTORY_VM, VM_ENV["INVENTORY_PORT"]),
+    (GATEWAY_VM, BILLING_VM, VM_ENV["RABBITMQ_PORT"]),
+    # A host reaches its own address over loopback.
+    (INVENTORY_VM, INVENTORY_VM, VM_ENV["INVENTORY_PORT"]),
+    (BILLING_VM, BILLING_VM, VM_ENV["RABBITMQ_PORT"]),
+}
+IP_OF = {GATEWAY_VM: GATEWAY_IP, INVENTORY_VM: INVENTORY_IP, BILLING_VM: BILLING_IP}
+
+PROBE = """
+for target in "$@"; do
+  for port in $PORTS; do
+    timeout 3 bash -c "exec 3<>/dev/tcp/$target/$port" 2>/dev/null
+    case $? in
+      0) echo "$target $port open" ;;
+      124) echo "$target $port silent" ;;
+      *) echo "$target $port refused" ;;
+    esac
+  done
+done
+"""
+
+
+def reviewer_probe(address, port):
+    """open, refused or silent: a TCP connection from the bridge's address."""
+    try:
+        socket.create_connection(
+            (address, int(port)), timeout=3, source_address=(BRIDGE_IP, 0)
+        ).close()
+        return "open"
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        return "silent"
+
+
+def reachability():
+    """{(from, to, port): open / refused / silent} for every client and host."""
+    found = {}
+    for target, address in IP_OF.items():
+        for port in PROBED_PORTS:
+            found[(REVIEWER, target, port)] = reviewer_probe(address, port)
+    for client in IP_OF:
+        out = on(
+            client,
+            "env",
+            f"PORTS={' '.join(PROBED_PORTS)}",
+            "bash",
+            "-c",
+            PROBE,
+            "probe",
+            *IP_OF.values(),
+            timeout=300,
+        )
+        by_address = {address: name for name, address in IP_OF.items()}
+        for line in out.splitlines():
+            address, port, state = line.split()
+            found[(client, by_address[address], port)] = state
+    return found
+
+
+def test_firewall_admits_only_what_each_role_needs(three_hosts):
+    """From the reviewer's address only the gateway's port answers; inventory's
+    port and AMQP answer gateway-vm only; everything else is refused at once."""
+    found = reachability()
+    opened = {key for key, state in found.items() if state == "open"}
+    assert opened == REACHABLE, (
+        f"open beyond the allow-list: {opened - REACHABLE},"
+        f" closed in it: {REACHABLE - opened}"
+    )
+    silent = {key for key, state in found.items() if state == "silent"}
+    assert not silent, f"dropped instead of refused: {silent}"
+    for name in IP_OF:
+        rules = on(name, "nft", "list", "table", "inet", "movie_shop")
+        assert "policy drop" in rules, rules
+        assert on(name, "systemctl", "is-enabled", "movie-shop-firewall").strip() == (
+            "enabled"
+        )
+    reviewer = sorted(f"{t}:{p}" for (c, t, p) in opened if c == REVIEWER)
+    figure(
+        f"firewall: {len(found)} (from, to, port) probes; from {BRIDGE_IP} open:"
+        f" {', '.join(reviewer)}; {len(opened)} open in all, as allowed"
+    )
+
+
+def assert_firewall_loaded(name, closed_port):
+    """After a reboot: the firewall is back, closed_port refused to the reviewer."""
+    assert on(name, "systemctl", "is-active", "movie-shop-firewall").strip() == (
+        "active"
+    )
+    assert reviewer_probe(IP_OF[name], closed_port) == "refused"
+
+
 AMQP_LOGINS = """
 import json
 
@@ -744,6 +856,7 @@ def test_billing_vm_reboot_keeps_every_accepted_order(three_hosts):
     finally:
         results = poster.stop()
     assert on(BILLING_VM, "systemctl", "is-active", "pm2-root").strip() == "active"
+    assert_firewall_loaded(BILLING_VM, VM_ENV["RABBITMQ_PORT"])
 
     statuses = [status for _, status in results]
     assert set(statuses) <= {200, 503}, statuses
@@ -809,6 +922,7 @@ def test_inventory_vm_reboot(three_hosts):
     assert any(status != 200 for status in seen), "inventory never looked down"
     assert pm2_apps(INVENTORY_VM)["inventory_app"][0] == "online"
     assert on(INVENTORY_VM, "systemctl", "is-active", "pm2-root").strip() == "active"
+    assert_firewall_loaded(INVENTORY_VM, VM_ENV["INVENTORY_PORT"])
     assert pm2_apps(GATEWAY_VM)["api_gateway"] == gateway_before
     codes = {code: seen.count(code) for code in sorted(set(seen), key=str)}
     figure(
@@ -819,12 +933,16 @@ def test_inventory_vm_reboot(three_hosts):
 
 # --- Provisioning again ---
 
+FIREWALL = (
+    " /etc/movie-shop/firewall.nft /etc/systemd/system/movie-shop-firewall.service;"
+    " nft list ruleset"
+)
 MANAGED_FILES = {
     INVENTORY_VM: "cat /etc/postgresql/*/main/pg_hba.conf /etc/postgresql/*/main/conf.d/*"
-    " /etc/systemd/system/pm2-root.service",
+    " /etc/systemd/system/pm2-root.service" + FIREWALL,
     BILLING_VM: "cat /etc/postgresql/*/main/pg_hba.conf /etc/postgresql/*/main/conf.d/*"
-    " /etc/rabbitmq/rabbitmq.conf /etc/systemd/system/pm2-root.service",
-    GATEWAY_VM: "cat /etc/systemd/system/pm2-root.service",
+    " /etc/rabbitmq/rabbitmq.conf /etc/systemd/system/pm2-root.service" + FIREWALL,
+    GATEWAY_VM: "cat /etc/systemd/system/pm2-root.service" + FIREWALL,
 }
 
 

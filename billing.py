@@ -25,6 +25,7 @@ if __name__ == "__main__":
     # psycopg-binary's libpq with a second OpenSSL (~2.6 MiB resident).
     os.environ.setdefault("PSYCOPG_IMPL", "python")
 
+import hashlib
 import json
 import logging
 import re
@@ -50,7 +51,6 @@ HERE = Path(__file__).resolve().parent
 PREFETCH = 1000  # unacked messages RabbitMQ may hand us at once
 BATCH_SIZE = 500  # orders per INSERT and per ack
 BATCH_WAIT = 0.05  # seconds a partial batch may wait for more messages
-MAX_MESSAGE_ID = 255
 PARSE_TIMEOUT = 5  # seconds to parse a message (or batch); a hang beyond is a crash
 
 # --- shared: order (identical in gateway.py, billing.py) ---
@@ -63,9 +63,82 @@ CENTS = Decimal("0.01")  # total_amount's scale
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
 _INTEGER = re.compile(r"[0-9]{1,10}")
 _AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
-# --- end of shared: order ---
+# The gateway's two forms of message id: random, or from an Idempotency-Key.
+_RANDOM_ID = re.compile(r"[0-9a-f]{32}")
+_KEYED_ID = re.compile(r"key:[0-9]{1,10}:[0-9a-f]{16}:([\x21-\x7e]{1,200})")
 
 Order = tuple[int, int, Decimal]  # user_id, number_of_items, total_amount
+
+
+class InvalidOrder(Exception):
+    """An order the shop refuses; the message says why."""
+
+
+def check_order(data: dict[str, Any]) -> Order:
+    """Check an order object: exactly the three fields, each valid."""
+    unknown = sorted(set(data) - set(ORDER_FIELDS))
+    if unknown:
+        name = unknown[0] if len(unknown[0]) <= 80 else unknown[0][:80] + "..."
+        raise InvalidOrder(f"unknown field '{name}'")
+    for field in ORDER_FIELDS:
+        if field not in data:
+            raise InvalidOrder(f"'{field}' is required")
+    return (
+        check_positive_int(data["user_id"], "user_id"),
+        check_positive_int(data["number_of_items"], "number_of_items"),
+        check_amount(data["total_amount"], "total_amount"),
+    )
+
+
+def check_positive_int(value: object, field: str) -> int:
+    """Accept a positive integer, as a JSON number or a string of digits."""
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        value = int(value)
+    if type(value) is not int or not 1 <= value <= MAX_DB_INT:
+        raise InvalidOrder(
+            f"'{field}' must be a positive integer (at most {MAX_DB_INT})"
+        )
+    return value
+
+
+def check_amount(value: object, field: str) -> Decimal:
+    """Accept an amount >= 0 with at most two decimals, as a number or string;
+    return it with exactly two (1.000...0 has a scale PostgreSQL refuses)."""
+    if isinstance(value, str) and _AMOUNT.fullmatch(value):
+        value = Decimal(value)
+    if type(value) is int:
+        value = Decimal(value)
+    if (
+        not isinstance(value, Decimal)
+        or not value.is_finite()
+        or not 0 <= value <= MAX_AMOUNT
+        or value != value.quantize(CENTS, rounding="ROUND_DOWN")
+    ):
+        raise InvalidOrder(
+            f"'{field}' must be an amount from 0 to {MAX_AMOUNT}, 2 decimals"
+        )
+    return value.quantize(CENTS)
+
+
+def keyed_message_id(order: Order, key: str) -> str:
+    """The message id of an order sent with an Idempotency-Key. It names the
+    order's content: a retry of the same order has the same id (stored once),
+    another order under the same key has its own (stored too)."""
+    digest = hashlib.sha256(f"{order[0]}:{order[1]}:{order[2]}".encode())
+    return f"key:{order[0]}:{digest.hexdigest()[:16]}:{key}"
+
+
+def check_message_id(message_id: object, order: Order) -> None:
+    """Refuse a message id the gateway would not have given this order."""
+    if isinstance(message_id, str) and _RANDOM_ID.fullmatch(message_id):
+        return
+    keyed = _KEYED_ID.fullmatch(message_id) if isinstance(message_id, str) else None
+    if keyed is None or message_id != keyed_message_id(order, keyed.group(1)):
+        raise InvalidOrder("message id not one the gateway gives this order")
+
+
+# --- end of shared: order ---
+
 Verdict = tuple[Order | None, str | None]  # (order, None) or (None, why dead)
 Suspect = tuple[int, Any, bytes]  # delivery tag, message_id, body
 Message = tuple[int, bool, Any, bytes]  # delivery tag, redelivered, properties, body
@@ -181,38 +254,6 @@ QUERIES = load_queries(HERE / "sql" / "billing_queries.sql")
 # --- Validation ---
 
 
-class InvalidOrder(Exception):
-    """A message that can never be stored."""
-
-
-def check_positive_int(value: object, field: str) -> int:
-    """Accept a positive integer, as a JSON number or a string of digits."""
-    if isinstance(value, str) and _INTEGER.fullmatch(value):
-        value = int(value)
-    if type(value) is not int or not 1 <= value <= MAX_DB_INT:
-        raise InvalidOrder(
-            f"'{field}' must be a positive integer (at most {MAX_DB_INT})"
-        )
-    return value
-
-
-def check_amount(value: object, field: str) -> Decimal:
-    """Accept an amount >= 0 with at most two decimals, as a number or string;
-    return it with exactly two (1.000...0 has a scale PostgreSQL refuses)."""
-    if isinstance(value, str) and _AMOUNT.fullmatch(value):
-        value = Decimal(value)
-    if type(value) is int:
-        value = Decimal(value)
-    if (
-        not isinstance(value, Decimal)
-        or not value.is_finite()
-        or not 0 <= value <= MAX_AMOUNT
-        or value != value.quantize(CENTS, rounding="ROUND_DOWN")
-    ):
-        raise InvalidOrder(f"'{field}' must be an amount from 0 to {MAX_AMOUNT}")
-    return value.quantize(CENTS)
-
-
 def parse_order(body: bytes) -> Order:
     """Turn a message body into (user_id, number_of_items, total_amount)."""
     if len(body) > MAX_ORDER_BODY:
@@ -225,24 +266,7 @@ def parse_order(body: bytes) -> Order:
         raise InvalidOrder(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidOrder("not a JSON object")
-    for field in ORDER_FIELDS:
-        if field not in data:
-            raise InvalidOrder(f"'{field}' is missing")
-    return (
-        check_positive_int(data["user_id"], "user_id"),
-        check_positive_int(data["number_of_items"], "number_of_items"),
-        check_amount(data["total_amount"], "total_amount"),
-    )
-
-
-def check_message_id(message_id: object) -> None:
-    """A message_id must be text PostgreSQL can store (or absent)."""
-    if message_id is None:
-        return
-    if not isinstance(message_id, str) or "\x00" in message_id:
-        raise InvalidOrder("message_id is not text")
-    if len(message_id) > MAX_MESSAGE_ID:
-        raise InvalidOrder(f"message_id over {MAX_MESSAGE_ID} characters")
+    return check_order(data)
 
 
 def _reject_constant(name: str) -> None:
@@ -262,7 +286,7 @@ def read_message(body: bytes, message_id: Any) -> Verdict:
     """Return (order, None) for a message that can be stored, else (None, reason)."""
     try:
         order = parse_order(body)
-        check_message_id(message_id)
+        check_message_id(message_id, order)
         return order, None
     except InvalidOrder as exc:
         return None, str(exc)

@@ -26,6 +26,7 @@ import concurrent.futures
 import contextlib
 import email.utils
 import functools
+import hashlib
 import http.client
 import io
 import json
@@ -96,7 +97,6 @@ HOP_BY_HOP = {
 }
 DROP_FROM_UPSTREAM = HOP_BY_HOP | {"server", "date"}
 _CONTROL_IN_VALUE = re.compile(r"[\r\n\x00]")  # never forwarded raw
-_ASSET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a file name's size
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,200}")  # visible ASCII
 
 # --- shared: order (identical in gateway.py, billing.py) ---
@@ -109,6 +109,80 @@ CENTS = Decimal("0.01")  # total_amount's scale
 ORDER_FIELDS = ("user_id", "number_of_items", "total_amount")
 _INTEGER = re.compile(r"[0-9]{1,10}")
 _AMOUNT = re.compile(r"[0-9]{1,10}(\.[0-9]{1,2})?")
+# The gateway's two forms of message id: random, or from an Idempotency-Key.
+_RANDOM_ID = re.compile(r"[0-9a-f]{32}")
+_KEYED_ID = re.compile(r"key:[0-9]{1,10}:[0-9a-f]{16}:([\x21-\x7e]{1,200})")
+
+Order = tuple[int, int, Decimal]  # user_id, number_of_items, total_amount
+
+
+class InvalidOrder(Exception):
+    """An order the shop refuses; the message says why."""
+
+
+def check_order(data: dict[str, Any]) -> Order:
+    """Check an order object: exactly the three fields, each valid."""
+    unknown = sorted(set(data) - set(ORDER_FIELDS))
+    if unknown:
+        name = unknown[0] if len(unknown[0]) <= 80 else unknown[0][:80] + "..."
+        raise InvalidOrder(f"unknown field '{name}'")
+    for field in ORDER_FIELDS:
+        if field not in data:
+            raise InvalidOrder(f"'{field}' is required")
+    return (
+        check_positive_int(data["user_id"], "user_id"),
+        check_positive_int(data["number_of_items"], "number_of_items"),
+        check_amount(data["total_amount"], "total_amount"),
+    )
+
+
+def check_positive_int(value: object, field: str) -> int:
+    """Accept a positive integer, as a JSON number or a string of digits."""
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        value = int(value)
+    if type(value) is not int or not 1 <= value <= MAX_DB_INT:
+        raise InvalidOrder(
+            f"'{field}' must be a positive integer (at most {MAX_DB_INT})"
+        )
+    return value
+
+
+def check_amount(value: object, field: str) -> Decimal:
+    """Accept an amount >= 0 with at most two decimals, as a number or string;
+    return it with exactly two (1.000...0 has a scale PostgreSQL refuses)."""
+    if isinstance(value, str) and _AMOUNT.fullmatch(value):
+        value = Decimal(value)
+    if type(value) is int:
+        value = Decimal(value)
+    if (
+        not isinstance(value, Decimal)
+        or not value.is_finite()
+        or not 0 <= value <= MAX_AMOUNT
+        or value != value.quantize(CENTS, rounding="ROUND_DOWN")
+    ):
+        raise InvalidOrder(
+            f"'{field}' must be an amount from 0 to {MAX_AMOUNT}, 2 decimals"
+        )
+    return value.quantize(CENTS)
+
+
+def keyed_message_id(order: Order, key: str) -> str:
+    """The message id of an order sent with an Idempotency-Key. It names the
+    order's content: a retry of the same order has the same id (stored once),
+    another order under the same key has its own (stored too)."""
+    digest = hashlib.sha256(f"{order[0]}:{order[1]}:{order[2]}".encode())
+    return f"key:{order[0]}:{digest.hexdigest()[:16]}:{key}"
+
+
+def check_message_id(message_id: object, order: Order) -> None:
+    """Refuse a message id the gateway would not have given this order."""
+    if isinstance(message_id, str) and _RANDOM_ID.fullmatch(message_id):
+        return
+    keyed = _KEYED_ID.fullmatch(message_id) if isinstance(message_id, str) else None
+    if keyed is None or message_id != keyed_message_id(order, keyed.group(1)):
+        raise InvalidOrder("message id not one the gateway gives this order")
+
+
 # --- end of shared: order ---
 
 DOCS_PAGE = """<!doctype html>
@@ -142,6 +216,9 @@ DOCS_PAGE = """<!doctype html>
 </body>
 </html>
 """
+# The files of swagger-ui-dist the page loads, and no other (its package.json,
+# source maps and the rest are not served).
+DOCS_FILES = frozenset(re.findall(r'"/docs/([^"/]+)"', DOCS_PAGE))
 
 # --- Config ---
 
@@ -241,44 +318,12 @@ def _bad(message: str) -> ApiError:
     return ApiError(HTTPStatus.BAD_REQUEST, message)
 
 
-def check_positive_int(value: object, field: str) -> int:
-    """Accept a positive integer, as a JSON number or a string of digits."""
-    if isinstance(value, str) and _INTEGER.fullmatch(value):
-        value = int(value)
-    if type(value) is not int or not 1 <= value <= MAX_DB_INT:
-        raise _bad(f"'{field}' must be a positive integer (at most {MAX_DB_INT})")
-    return value
-
-
-def check_amount(value: object, field: str) -> Decimal:
-    """Accept an amount >= 0 with at most two decimals, as a number or string;
-    return it with exactly two (1.000...0 has a scale PostgreSQL refuses)."""
-    if isinstance(value, str) and _AMOUNT.fullmatch(value):
-        value = Decimal(value)
-    if type(value) is int:
-        value = Decimal(value)
-    if (
-        not isinstance(value, Decimal)
-        or not value.is_finite()
-        or not 0 <= value <= MAX_AMOUNT
-        or value != value.quantize(CENTS, rounding="ROUND_DOWN")
-    ):
-        raise _bad(f"'{field}' must be an amount from 0 to {MAX_AMOUNT}, 2 decimals")
-    return value.quantize(CENTS)
-
-
-def validate_order(data: dict[str, Any]) -> int:
-    """Check an order object: exactly the three fields, each valid; its user_id."""
-    unknown = sorted(set(data) - set(ORDER_FIELDS))
-    if unknown:
-        raise _bad(f"unknown field '{clip(unknown[0])}'")
-    for field in ORDER_FIELDS:
-        if field not in data:
-            raise _bad(f"'{field}' is required")
-    user_id = check_positive_int(data["user_id"], "user_id")
-    check_positive_int(data["number_of_items"], "number_of_items")
-    check_amount(data["total_amount"], "total_amount")
-    return user_id
+def validate_order(data: dict[str, Any]) -> Order:
+    """Check an order object (the shared check_order); 400 with its reason."""
+    try:
+        return check_order(data)
+    except InvalidOrder as exc:
+        raise _bad(str(exc)) from None
 
 
 def idempotency_key(headers: Headers) -> str | None:
@@ -469,11 +514,19 @@ def read_chunks(rfile: _Reader) -> Generator[bytes, None, Fields]:
 
 
 class Upstream:
-    """Keep-alive HTTP connections to inventory, shared by request threads."""
+    """Keep-alive HTTP connections to inventory, shared by request threads.
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
+    At most `size` at once, inventory's cap for one address: a request that
+    finds them all in use waits up to the timeout, then answers 503. An idle
+    connection is reused newest first (the least likely to have gone stale);
+    those idle past UPSTREAM_IDLE are closed.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float, size: int) -> None:
+        self.host, self.port, self.timeout, self.size = host, port, timeout, size
         self._idle: collections.deque[tuple[_Link, float]] = collections.deque()
+        self._idle_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(size)
 
     def _connect(self) -> _Link:
         """Open a new connection; raise ApiError 502 when inventory is down."""
@@ -490,21 +543,39 @@ class Upstream:
         return _Link(sock)
 
     def _take(self) -> _Link | None:
-        """Reuse the most recent idle connection, or None."""
-        while True:
-            try:
-                conn, used = self._idle.pop()
-            except IndexError:
-                return None
-            if time.monotonic() - used < UPSTREAM_IDLE:
-                return conn
-            conn.close()
+        """The most recent idle connection, or None; close those too old."""
+        stale = []
+        with self._idle_lock:
+            now = time.monotonic()
+            while self._idle and now - self._idle[0][1] >= UPSTREAM_IDLE:
+                stale.append(self._idle.popleft()[0])
+            conn = self._idle.pop()[0] if self._idle else None
+        for old in stale:
+            old.close()
+        return conn
 
     def request(
         self, method: str, path: str, body: bytes | None, headers: Fields
     ) -> tuple[int, Fields, bytes | Iterator[bytes]]:
         """Send one request; return (status, headers, body or its chunks)."""
         data = write_request(method, path, f"{self.host}:{self.port}", headers, body)
+        if not self._slots.acquire(timeout=self.timeout):
+            log.warning("inventory busy: all %d connections in use", self.size)
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "inventory busy, try again",
+                {"Retry-After": "1"},
+            )
+        try:
+            return self._send(method, data)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _send(
+        self, method: str, data: bytes
+    ) -> tuple[int, Fields, bytes | Iterator[bytes]]:
+        """request() once it holds a slot, which _release gives back."""
         conn = self._take()
         if conn is not None:
             try:
@@ -528,7 +599,7 @@ class Upstream:
             status, http11, fields = read_head(conn.rfile)
             framing, keep = body_framing(method, status, http11, fields)
             if framing == CHUNKED:
-                return status, fields, self._relay(conn, keep)
+                return status, fields, _Relay(self, conn, keep)
             if isinstance(framing, int):
                 body = read_length(conn.rfile, framing)
             else:
@@ -546,20 +617,48 @@ class Upstream:
         return status, fields, body
 
     def _release(self, conn: _Link, keep: bool) -> None:
-        """Keep conn for the next request, unless it is to be closed."""
+        """Keep conn for the next request, unless it is to be closed; free its slot."""
         if keep:
-            self._idle.append((conn, time.monotonic()))
+            with self._idle_lock:
+                self._idle.append((conn, time.monotonic()))
         else:
             conn.close()
+        self._slots.release()
 
-    def _relay(self, conn: _Link, keep: bool) -> Iterator[bytes]:
-        """Yield the chunks as they come; raise UpstreamError or OSError mid-way."""
-        complete = False
+
+class _Relay:
+    """A chunked answer's chunks as they come (UpstreamError or OSError mid-way).
+
+    close(), at the end or called early, even before the first chunk, gives
+    the connection back: kept if the body was read whole, else closed.
+    """
+
+    def __init__(self, upstream: Upstream, conn: _Link, keep: bool) -> None:
+        self._upstream, self._conn, self._keep = upstream, conn, keep
+        self._chunks = read_chunks(conn.rfile)
+        self._open = True
+
+    def __iter__(self) -> _Relay:
+        return self
+
+    def __next__(self) -> bytes:
         try:
-            yield from read_chunks(conn.rfile)
-            complete = True
-        finally:
-            self._release(conn, keep and complete)
+            return next(self._chunks)
+        except StopIteration:
+            self._finish(complete=True)
+            raise
+        except BaseException:
+            self._finish(complete=False)
+            raise
+
+    def close(self) -> None:
+        """Stop early: the connection is closed."""
+        self._finish(complete=False)
+
+    def _finish(self, complete: bool) -> None:
+        if self._open:
+            self._open = False
+            self._upstream._release(self._conn, self._keep and complete)
 
 
 class _SocketReader(io.RawIOBase):
@@ -1046,10 +1145,15 @@ class Publisher:
             timestamp=int(time.time()),
         )
         outgoing = _Outgoing(future, body, properties, request_id)
-        conn = self._session.conn
-        if conn is None or not self.ready.is_set():
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "message broker unavailable")
+        # Read under the outbox's lock: a reconnect clears the outbox (and
+        # _woken) under it, so this order is either failed by that clearing or
+        # handed to the live connection, whose ioloop the wake-up reaches.
         with self._outbox_lock:
+            conn = self._session.conn
+            if conn is None or not self.ready.is_set():
+                raise ApiError(
+                    HTTPStatus.SERVICE_UNAVAILABLE, "message broker unavailable"
+                )
             self._outbox.append(outgoing)
             wake, self._woken = not self._woken, True
         try:
@@ -1126,25 +1230,39 @@ def proxy_movies(req: Request, upstream: Upstream) -> Response:
     if req.method in ("POST", "PUT") or req.length:
         body = req.read_body(MAX_PROXY_BODY)
     # Every line, in order: two lines of one name are not the last one's alone.
-    headers = [(k, v) for k, v in req.headers.items() if k.lower() not in HOP_BY_HOP]
+    drop = hop_by_hop(req.headers.items(), HOP_BY_HOP)
+    headers = [(k, v) for k, v in req.headers.items() if k.lower() not in drop]
     headers += [("X-Forwarded-For", req.client[0]), ("X-Request-Id", req.request_id)]
     status, upstream_headers, data = upstream.request(
         req.method, req.target, body, headers
     )
-    kept = {k: v for k, v in upstream_headers if k.lower() not in DROP_FROM_UPSTREAM}
+    drop = hop_by_hop(upstream_headers, DROP_FROM_UPSTREAM)
+    kept = {k: v for k, v in upstream_headers if k.lower() not in drop}
     if not any(k.lower() == "content-type" for k in kept):
         kept["Content-Type"] = JSON
     return Response(status, data, kept)
 
 
+def hop_by_hop(fields: Fields, always: set[str]) -> set[str]:
+    """Lower-case names not to pass on: always, and those a Connection line
+    names (RFC 9110, 7.6.1: they concern this hop only)."""
+    named = {
+        name.strip().lower()
+        for key, value in fields
+        if key.lower() == "connection"
+        for name in value.split(",")
+    }
+    return always | named
+
+
 def post_billing(req: Request, publisher: Publisher) -> Response:
     """POST /api/billing: validate the order and publish it with a confirm."""
     body = req.read_body(MAX_ORDER_BODY, json_only=True)
-    user_id = validate_order(decode_object(body, "request body"))
+    order = validate_order(decode_object(body, "request body"))
     key = idempotency_key(req.headers)
-    # billing stores each message_id once: a retry with the same key (of the
-    # same user) is a no-op, even if the first attempt's answer was lost.
-    message_id = new_id(128) if key is None else f"key:{user_id}:{key}"
+    # billing stores each message_id once: a retry of the same order with the
+    # same key is a no-op, even if the first attempt's answer was lost.
+    message_id = new_id(128) if key is None else keyed_message_id(order, key)
     publisher.publish(body, message_id, req.request_id)
     return json_response(
         HTTPStatus.OK, {"message": "Message posted"}, {"X-Message-Id": message_id}
@@ -1197,8 +1315,10 @@ def get_docs(req: Request) -> Response:
 def get_docs_asset(req: Request, name: str) -> Response:
     """GET /docs/<file>: Swagger UI's files, installed from npm by the setup."""
     path = DOCS_ASSETS / name
-    if not _ASSET.fullmatch(name) or not path.is_file():
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {clip(name)} (run npm ci)")
+    if name not in DOCS_FILES:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {clip(name)}")
+    if not path.is_file():
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {name} (run npm ci)")
     kinds = {".css": "text/css", ".js": "text/javascript", ".png": "image/png"}
     ctype = kinds.get(path.suffix, "application/octet-stream")
     return Response(HTTPStatus.OK, path.read_bytes(), {"Content-Type": ctype})
@@ -1241,6 +1361,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a sent id we keep
 _ID_BYTES = bytearray()  # drawn and not yet used, under _ID_LOCK
 _ID_LOCK = threading.Lock()
 MAX_HEADERS = 100  # header lines in a request (http.client's limit)
+CONNECTIONS_PER_CLIENT = 64  # default of the setting MAX_CONNECTIONS_PER_CLIENT
+CAP_WARNING_EVERY = 10.0  # seconds between two warnings about the caps
 WRITE_TIMEOUT = REQUEST_TIMEOUT + 5  # seconds one send may wait for a slow reader
 TIMEOUT_SLACK = 0.05  # seconds a read may outlast the request's deadline
 # A body refused unread is read and dropped, up to this much for this long,
@@ -1440,7 +1562,7 @@ class Request:
     def read_body(self, limit: int, json_only: bool = False) -> bytes:
         """The body: 415 if not JSON (when asked), 413 over limit, 408 if cut short."""
         if json_only:
-            media = self.headers.get("Content-Type", JSON) or ""
+            media = self.headers.get("Content-Type") or ""  # none: not JSON
             media = media.split(";")[0].strip().lower()
             if media != JSON and not media.endswith("+json"):
                 raise ApiError(
@@ -1745,14 +1867,14 @@ class Handler(StreamRequestHandler):
         """Answer requests until one ends the connection."""
         conn = Connection(self.connection)
         while self.handle_one(conn):
-            pass
+            self.server.rest(self.connection)  # kept alive: idle until the next
 
     def handle_one(self, conn: Connection) -> bool:
         """Read one request within REQUEST_TIMEOUT and answer it; False to close."""
         conn.deadline, started = Deadline(REQUEST_TIMEOUT), time.monotonic()
         try:
             head = read_request_head(conn)
-            if head is None:
+            if head is None or not self.server.wake(self.connection):
                 return False
             req = Request(parse_head(head), self.client_address, conn)
         except ApiError as exc:
@@ -1790,10 +1912,10 @@ def _log_access(
         )
 
 
-def _refuse(sock: socket.socket) -> None:
-    """Answer 503 on a connection the server has no room for, without waiting."""
-    body = b'{"error": "server busy, try again"}'
-    response = Response(HTTPStatus.SERVICE_UNAVAILABLE, body, {"Content-Type": JSON})
+def _refuse(sock: socket.socket, status: HTTPStatus, message: str) -> None:
+    """Answer a connection the server has no room for, without waiting."""
+    body = json.dumps({"error": message}).encode()
+    response = Response(status, body, {"Content-Type": JSON, "Retry-After": "1"})
     framing = f"Content-Length: {len(body)}\r\nConnection: close"
     sock.setblocking(False)  # the serve loop is one thread: never block it
     with contextlib.suppress(OSError):
@@ -1801,7 +1923,13 @@ def _refuse(sock: socket.socket) -> None:
 
 
 class Server(ThreadingHTTPServer):
-    """A threading server with a connection cap and a graceful stop."""
+    """A threading server with connection caps and a graceful stop.
+
+    At most MAX_CONNECTIONS open connections, and per_client from one
+    address. A connection kept alive between requests is idle: when a new one
+    finds no room, the oldest idle one (of that address, at its cap) is closed
+    to make it, so idle connections never shut a client out.
+    """
 
     daemon_threads = True
     request_queue_size = 256
@@ -1809,21 +1937,84 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], router: Router) -> None:
         super().__init__(address, Handler)
         self.router = router
-        self.clients: set[Any] = set()  # open connections, at most MAX_CONNECTIONS
+        self.per_client = CONNECTIONS_PER_CLIENT
+        self.clients: dict[Any, str] = {}  # open connection: its peer's address
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.idle: dict[Any, None] = {}  # kept alive, oldest first
         self.busy: set[Connection] = set()  # connections with a request in progress
         self.stopping = False
+        self._lock = threading.Lock()  # clients, counts, idle
+        self._warned = 0.0  # when the last warning about a cap was logged
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Take the connection, or answer 503 when MAX_CONNECTIONS are open."""
-        if len(self.clients) >= MAX_CONNECTIONS:
-            _refuse(request)
-            return False
-        self.clients.add(request)
-        return True
+        """Take the connection, closing an idle one if need be to make room;
+        else answer 429 (its address is at its cap) or 503 (the server is)."""
+        peer = str(client_address[0]) if client_address else "-"
+        with self._lock:
+            full = None
+            if self.counts[peer] >= self.per_client:
+                full = f"{peer} has {self.per_client} connections, its cap"
+                status, message = HTTPStatus.TOO_MANY_REQUESTS, "too many connections"
+                taken = self._reclaim(peer)
+            elif len(self.clients) >= MAX_CONNECTIONS:
+                full = f"{MAX_CONNECTIONS} connections open, the server's cap"
+                status, message = HTTPStatus.SERVICE_UNAVAILABLE, "server busy"
+                taken = self._reclaim(None)
+            else:
+                taken = True
+            if taken:
+                self.clients[request] = peer
+                self.counts[peer] += 1
+        if full is not None:
+            done = "closed an idle one" if taken else f"refused one from {peer}"
+            self._warn(f"{full}: {done}")
+        if not taken:
+            _refuse(request, status, f"{message}, try again")
+        return taken
+
+    def _reclaim(self, peer: str | None) -> bool:
+        """Close the oldest idle connection (of peer, if given); False if none.
+        Its thread reads the end of the stream and finishes."""
+        for sock in self.idle:
+            if peer is None or self.clients[sock] == peer:
+                self._forget(sock)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return True
+        return False
+
+    def _forget(self, sock: Any) -> None:
+        """Free sock's places (under the lock)."""
+        peer = self.clients.pop(sock, None)
+        self.idle.pop(sock, None)
+        if peer is not None:
+            self.counts[peer] -= 1
+            if not self.counts[peer]:
+                del self.counts[peer]
+
+    def _warn(self, message: str) -> None:
+        """Log a warning about the caps, at most one every CAP_WARNING_EVERY s."""
+        now = time.monotonic()
+        if now - self._warned >= CAP_WARNING_EVERY:
+            self._warned = now
+            log.warning("%s", message)
+
+    def rest(self, sock: Any) -> None:
+        """sock is kept alive and waits for its next request: it may be closed."""
+        with self._lock:
+            if sock in self.clients:
+                self.idle[sock] = None
+
+    def wake(self, sock: Any) -> bool:
+        """A request came on sock: it is no longer idle; False if it was closed."""
+        with self._lock:
+            self.idle.pop(sock, None)
+            return sock in self.clients
 
     def shutdown_request(self, request: Any) -> None:
         """Close a connection and free its place."""
-        self.clients.discard(request)
+        with self._lock:
+            self._forget(request)
         super().shutdown_request(request)
 
     def serve_until_signal(self) -> None:
@@ -1889,6 +2080,14 @@ def bind_or_exit(
         )
 
 
+def int_setting(name: str, default: int) -> int:
+    """A whole-number setting of 1 or more from the environment, else default."""
+    text = os.environ.get(name, "").strip() or str(default)
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 2**31:
+        sys.exit(f"{name}={text}: must be a whole number from 1 to {2**31 - 1}")
+    return int(text)
+
+
 # --- end of shared: bind ---
 
 
@@ -1920,13 +2119,17 @@ def main() -> None:
     params = connection_parameters(config, "gateway", blocked_connection_timeout=10)
     publisher = Publisher(params, config["RABBITMQ_QUEUE"])
     publisher.start()
+    # Inventory admits as many connections from this address: never more.
+    per_client = int_setting("MAX_CONNECTIONS_PER_CLIENT", CONNECTIONS_PER_CLIENT)
     upstream = Upstream(
         config["INVENTORY_HOST"],
         int(config["INVENTORY_PORT"]),
         float(config["INVENTORY_TIMEOUT"]),
+        per_client,
     )
     routes = build_routes(upstream, publisher)
     server = bind_or_exit(Server, "GATEWAY", config, routes)
+    server.per_client = per_client
     host, port = server.server_address[:2]
     log.info("gateway listening on http://%s:%s", host, port)
     server.serve_until_signal()

@@ -26,6 +26,7 @@ if __name__ == "__main__":
     # resident. Both work without it, as on a Python built without ssl.
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
 
+import collections
 import contextlib
 import email.utils
 import functools
@@ -74,6 +75,9 @@ MAX_CONNECTIONS = 512  # open client connections, one thread each
 DB_WAIT = 4  # seconds to wait for a database connection before answering 503
 POOL_SIZE = 16  # for single rows: a request thread that waits for one costs a switch
 PAGE_SLOTS = 4  # connections for list pages (each holds up to PAGE_BYTES of buffer)
+SEARCH_SLOTS = 4  # connections for a search's first page: point reads keep theirs
+QUERY_TIMEOUT = 5.0  # default of INVENTORY_QUERY_TIMEOUT, seconds
+SEARCH_TIMEOUT = 2.0  # default of INVENTORY_SEARCH_TIMEOUT, seconds
 STREAM_PAGE = 2000  # movies per page of a streamed list; shorter lists are not
 PAGE_BYTES = 1024 * 1024  # JSON per page, at most (plus one movie): memory per list
 SMALL_PAGE_BYTES = 12 * 1024  # under libpq's first 16 KiB of buffer (Database.pages)
@@ -218,12 +222,16 @@ def _text(value: object) -> bytes | None:
 
 
 class Pool:
-    """A psycopg pool of `size` connections that maps outages to 503."""
+    """A psycopg pool of `size` connections that maps outages to 503, and a
+    query cancelled by PostgreSQL past `timeout` seconds to 503 `slow`."""
 
-    def __init__(self, conninfo: str, size: int, what: str) -> None:
-        self.size, self.what = size, what
+    def __init__(
+        self, conninfo: str, size: int, what: str, timeout: float, slow: str
+    ) -> None:
+        self.size, self.what, self.slow = size, what, slow
+        budget = f"-c statement_timeout={max(1, round(timeout * 1000))}"
         self.pool = ConnectionPool(
-            conninfo,
+            psycopg.conninfo.make_conninfo(conninfo, options=budget),
             min_size=min(2, size),
             max_size=size,
             timeout=DB_WAIT,
@@ -263,6 +271,11 @@ class Pool:
                 "database busy, try again",
                 {"Retry-After": "1"},
             ) from None
+        except psycopg.errors.QueryCanceled:
+            log.warning("a query on the %s passed its time: %s", self.what, self.slow)
+            raise ApiError(
+                HTTPStatus.SERVICE_UNAVAILABLE, self.slow, {"Retry-After": "1"}
+            ) from None
         except psycopg.OperationalError as exc:
             log.warning("database unavailable: %s", exc)
             raise ApiError(
@@ -297,19 +310,38 @@ class Database:
     many connections that serve single rows stay small.
     """
 
-    def __init__(self, conninfo: str) -> None:
-        self.rows = Pool(conninfo, POOL_SIZE, "connections")
-        self.pages_pool = Pool(conninfo, PAGE_SLOTS, "page connections")
+    def __init__(
+        self,
+        conninfo: str,
+        query_timeout: float = QUERY_TIMEOUT,
+        search_timeout: float = SEARCH_TIMEOUT,
+    ) -> None:
+        slow = "the database took too long, try again"
+        self.rows = Pool(conninfo, POOL_SIZE, "connections", query_timeout, slow)
+        self.pages_pool = Pool(
+            conninfo, PAGE_SLOTS, "page connections", query_timeout, slow
+        )
+        # A search can cost the database far more than a point read (a title
+        # whose trigrams every movie has): searches get a few connections and a
+        # shorter budget of their own, below the gateway's wait for inventory.
+        self.searches = Pool(
+            conninfo,
+            SEARCH_SLOTS,
+            "search connections",
+            search_timeout,
+            "the search took too long: try a longer or rarer title",
+        )
+        self.pools = (self.rows, self.pages_pool, self.searches)
 
     def open(self) -> None:
         """Start the pools without waiting: requests get 503 until they connect."""
-        self.rows.pool.open(wait=False)
-        self.pages_pool.pool.open(wait=False)
+        for pool in self.pools:
+            pool.pool.open(wait=False)
 
     def close(self) -> None:
         """Close every connection."""
-        self.rows.pool.close()
-        self.pages_pool.pool.close()
+        for pool in self.pools:
+            pool.pool.close()
 
     def row(self, name: str, **params: object) -> tuple[Any, ...] | None:
         """Run a named query and return its first row (or None)."""
@@ -348,7 +380,9 @@ class Database:
         name, cut = ("page_movies", "cut_movies") if pattern is None else by_title
         params = {"pattern": pattern, "after": 0, "offset": offset, "lead": "["}
         small = pattern is not None or limit is not None
-        pool = self.rows if small else self.pages_pool
+        pool = self.pages_pool if not small else self.rows
+        if pattern is not None:
+            pool = self.searches
         params["budget"] = SMALL_PAGE_BYTES if small else PAGE_BYTES
         left, rows, held = limit, STREAM_PAGE, b""
         while True:
@@ -365,7 +399,7 @@ class Database:
             rows = kept if kept < read else min(2 * rows, STREAM_PAGE)
             if params["lead"] == "[":
                 text = text or b"["
-            if more and pool is self.rows:
+            if more and pool is not self.pages_pool:
                 # Held back until the page pool gives the next page: if it is
                 # busy, the answer is still a clean 503, not a cut-off 200.
                 held, pool = text or b"", self.pages_pool
@@ -586,6 +620,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a sent id we keep
 _ID_BYTES = bytearray()  # drawn and not yet used, under _ID_LOCK
 _ID_LOCK = threading.Lock()
 MAX_HEADERS = 100  # header lines in a request (http.client's limit)
+CONNECTIONS_PER_CLIENT = 64  # default of the setting MAX_CONNECTIONS_PER_CLIENT
+CAP_WARNING_EVERY = 10.0  # seconds between two warnings about the caps
 WRITE_TIMEOUT = REQUEST_TIMEOUT + 5  # seconds one send may wait for a slow reader
 TIMEOUT_SLACK = 0.05  # seconds a read may outlast the request's deadline
 # A body refused unread is read and dropped, up to this much for this long,
@@ -785,7 +821,7 @@ class Request:
     def read_body(self, limit: int, json_only: bool = False) -> bytes:
         """The body: 415 if not JSON (when asked), 413 over limit, 408 if cut short."""
         if json_only:
-            media = self.headers.get("Content-Type", JSON) or ""
+            media = self.headers.get("Content-Type") or ""  # none: not JSON
             media = media.split(";")[0].strip().lower()
             if media != JSON and not media.endswith("+json"):
                 raise ApiError(
@@ -1090,14 +1126,14 @@ class Handler(StreamRequestHandler):
         """Answer requests until one ends the connection."""
         conn = Connection(self.connection)
         while self.handle_one(conn):
-            pass
+            self.server.rest(self.connection)  # kept alive: idle until the next
 
     def handle_one(self, conn: Connection) -> bool:
         """Read one request within REQUEST_TIMEOUT and answer it; False to close."""
         conn.deadline, started = Deadline(REQUEST_TIMEOUT), time.monotonic()
         try:
             head = read_request_head(conn)
-            if head is None:
+            if head is None or not self.server.wake(self.connection):
                 return False
             req = Request(parse_head(head), self.client_address, conn)
         except ApiError as exc:
@@ -1135,10 +1171,10 @@ def _log_access(
         )
 
 
-def _refuse(sock: socket.socket) -> None:
-    """Answer 503 on a connection the server has no room for, without waiting."""
-    body = b'{"error": "server busy, try again"}'
-    response = Response(HTTPStatus.SERVICE_UNAVAILABLE, body, {"Content-Type": JSON})
+def _refuse(sock: socket.socket, status: HTTPStatus, message: str) -> None:
+    """Answer a connection the server has no room for, without waiting."""
+    body = json.dumps({"error": message}).encode()
+    response = Response(status, body, {"Content-Type": JSON, "Retry-After": "1"})
     framing = f"Content-Length: {len(body)}\r\nConnection: close"
     sock.setblocking(False)  # the serve loop is one thread: never block it
     with contextlib.suppress(OSError):
@@ -1146,7 +1182,13 @@ def _refuse(sock: socket.socket) -> None:
 
 
 class Server(ThreadingHTTPServer):
-    """A threading server with a connection cap and a graceful stop."""
+    """A threading server with connection caps and a graceful stop.
+
+    At most MAX_CONNECTIONS open connections, and per_client from one
+    address. A connection kept alive between requests is idle: when a new one
+    finds no room, the oldest idle one (of that address, at its cap) is closed
+    to make it, so idle connections never shut a client out.
+    """
 
     daemon_threads = True
     request_queue_size = 256
@@ -1154,21 +1196,84 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], router: Router) -> None:
         super().__init__(address, Handler)
         self.router = router
-        self.clients: set[Any] = set()  # open connections, at most MAX_CONNECTIONS
+        self.per_client = CONNECTIONS_PER_CLIENT
+        self.clients: dict[Any, str] = {}  # open connection: its peer's address
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.idle: dict[Any, None] = {}  # kept alive, oldest first
         self.busy: set[Connection] = set()  # connections with a request in progress
         self.stopping = False
+        self._lock = threading.Lock()  # clients, counts, idle
+        self._warned = 0.0  # when the last warning about a cap was logged
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Take the connection, or answer 503 when MAX_CONNECTIONS are open."""
-        if len(self.clients) >= MAX_CONNECTIONS:
-            _refuse(request)
-            return False
-        self.clients.add(request)
-        return True
+        """Take the connection, closing an idle one if need be to make room;
+        else answer 429 (its address is at its cap) or 503 (the server is)."""
+        peer = str(client_address[0]) if client_address else "-"
+        with self._lock:
+            full = None
+            if self.counts[peer] >= self.per_client:
+                full = f"{peer} has {self.per_client} connections, its cap"
+                status, message = HTTPStatus.TOO_MANY_REQUESTS, "too many connections"
+                taken = self._reclaim(peer)
+            elif len(self.clients) >= MAX_CONNECTIONS:
+                full = f"{MAX_CONNECTIONS} connections open, the server's cap"
+                status, message = HTTPStatus.SERVICE_UNAVAILABLE, "server busy"
+                taken = self._reclaim(None)
+            else:
+                taken = True
+            if taken:
+                self.clients[request] = peer
+                self.counts[peer] += 1
+        if full is not None:
+            done = "closed an idle one" if taken else f"refused one from {peer}"
+            self._warn(f"{full}: {done}")
+        if not taken:
+            _refuse(request, status, f"{message}, try again")
+        return taken
+
+    def _reclaim(self, peer: str | None) -> bool:
+        """Close the oldest idle connection (of peer, if given); False if none.
+        Its thread reads the end of the stream and finishes."""
+        for sock in self.idle:
+            if peer is None or self.clients[sock] == peer:
+                self._forget(sock)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return True
+        return False
+
+    def _forget(self, sock: Any) -> None:
+        """Free sock's places (under the lock)."""
+        peer = self.clients.pop(sock, None)
+        self.idle.pop(sock, None)
+        if peer is not None:
+            self.counts[peer] -= 1
+            if not self.counts[peer]:
+                del self.counts[peer]
+
+    def _warn(self, message: str) -> None:
+        """Log a warning about the caps, at most one every CAP_WARNING_EVERY s."""
+        now = time.monotonic()
+        if now - self._warned >= CAP_WARNING_EVERY:
+            self._warned = now
+            log.warning("%s", message)
+
+    def rest(self, sock: Any) -> None:
+        """sock is kept alive and waits for its next request: it may be closed."""
+        with self._lock:
+            if sock in self.clients:
+                self.idle[sock] = None
+
+    def wake(self, sock: Any) -> bool:
+        """A request came on sock: it is no longer idle; False if it was closed."""
+        with self._lock:
+            self.idle.pop(sock, None)
+            return sock in self.clients
 
     def shutdown_request(self, request: Any) -> None:
         """Close a connection and free its place."""
-        self.clients.discard(request)
+        with self._lock:
+            self._forget(request)
         super().shutdown_request(request)
 
     def serve_until_signal(self) -> None:
@@ -1252,6 +1357,14 @@ def bind_or_exit(
         )
 
 
+def int_setting(name: str, default: int) -> int:
+    """A whole-number setting of 1 or more from the environment, else default."""
+    text = os.environ.get(name, "").strip() or str(default)
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 2**31:
+        sys.exit(f"{name}={text}: must be a whole number from 1 to {2**31 - 1}")
+    return int(text)
+
+
 # --- end of shared: bind ---
 
 
@@ -1275,10 +1388,26 @@ def setup_logging(name: str, level: str) -> None:
 # --- end of shared: logging ---
 
 
+def float_setting(name: str, default: float) -> float:
+    """A number of seconds from 0.001 to 3600 from the environment, else default."""
+    text = os.environ.get(name, "").strip() or str(default)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0.001 <= seconds <= 3600:
+        sys.exit(f"{name}={text}: must be a number of seconds from 0.001 to 3600")
+    return seconds
+
+
 def main() -> None:
     """Start the pool and serve until SIGTERM or SIGINT."""
     config = load_config()
     setup_logging("inventory", os.environ.get("LOG_LEVEL", "INFO"))
+    timeouts = [
+        float_setting("INVENTORY_QUERY_TIMEOUT", QUERY_TIMEOUT),
+        float_setting("INVENTORY_SEARCH_TIMEOUT", SEARCH_TIMEOUT),
+    ]
     db = Database(
         psycopg.conninfo.make_conninfo(
             host=config["INVENTORY_DB_HOST"],
@@ -1290,11 +1419,15 @@ def main() -> None:
             gssencmode="disable",  # password logins only: no Kerberos probe
             connect_timeout=3,
             application_name="inventory",
-        )
+        ),
+        *timeouts,
     )
     # Bind first: exiting with the pools' threads running can end in a
     # traceback from a pool collected in one of its own threads.
     server = bind_or_exit(Server, "INVENTORY", config, build_routes(db))
+    server.per_client = int_setting(
+        "MAX_CONNECTIONS_PER_CLIENT", CONNECTIONS_PER_CLIENT
+    )
     db.open()
     host, port = server.server_address[:2]
     log.info("inventory listening on http://%s:%s", host, port)

@@ -13,6 +13,7 @@ import threading
 import time
 import types
 
+import helpers
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -289,6 +290,29 @@ def test_expect_100_is_sent_only_when_the_body_is_read(pair, core):
     assert client.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+@pytest.mark.parametrize(
+    "ctype, status",
+    [
+        (None, 415),  # a cross-site fetch with a Blob body sends none, no preflight
+        (b"", 415),
+        (b"text/plain", 415),
+        (b"application/x-www-form-urlencoded", 415),
+        (b"multipart/form-data; boundary=x", 415),
+        (b"application/json", None),
+        (b"Application/JSON; charset=utf-8", None),
+        (b"application/merge-patch+json", None),
+    ],
+)
+def test_a_json_body_needs_a_json_content_type(pair, core, ctype, status):
+    conn, client = pair
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    if ctype is not None:
+        head += b"Content-Type: " + ctype + b"\r\n"
+    client.sendall(head + b"\r\n{}")
+    req = core.Request(core.parse_head(core.read_request_head(conn)), ("1", 2), conn)
+    assert status_of(core, req.read_body, 100, True) == status
+
+
 # --- routing ---
 
 
@@ -423,19 +447,116 @@ def test_over_the_connection_cap_is_503_busy_with_a_request_id(core):
     last, _ = pair_last = socket.socketpair()
     refused, client = pair_refused = socket.socketpair()
     try:
-        server.clients.update(object() for _ in range(core.MAX_CONNECTIONS - 1))
-        assert server.verify_request(last, None)  # the last place
-        assert not server.verify_request(refused, None)
+        for i in range(core.MAX_CONNECTIONS - 1):  # each from its own address
+            assert server.verify_request(object(), (f"10.0.{i // 250}.{i % 250}", 1))
+        assert server.verify_request(last, ("10.9.9.9", 1))  # the last place
+        assert not server.verify_request(refused, ("10.9.9.8", 1))
         status, headers, body = split(client.recv(4096))  # sent without waiting
         assert status == "HTTP/1.1 503 Service Unavailable"
         assert headers["Connection"] == "close" and headers["X-Request-Id"]
         assert json.loads(body) == {"error": "server busy, try again"}
         server.shutdown_request(last)  # frees its place
         assert len(server.clients) == core.MAX_CONNECTIONS - 1
+        assert "10.9.9.9" not in server.counts
     finally:
         for sock in (*pair_last, *pair_refused):
             sock.close()
         server.server_close()
+
+
+@contextlib.contextmanager
+def serving(core, per_client):
+    """A real server on a free port, answering GET / with 200 {}."""
+
+    def ok(req):
+        return core.json_response(200, {})
+
+    server = core.Server(("127.0.0.1", 0), core.Router([("GET", "/", ok)]))
+    server.per_client = per_client
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def kept_alive(port, source):
+    """A connection from source that has had one 200 and is kept open."""
+    sock = socket.create_connection(("127.0.0.1", port), 5, (source, 0))
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+    return sock
+
+
+def get_from(port, source):
+    """The status line of one GET / from source on a new connection."""
+    with socket.create_connection(("127.0.0.1", port), 5, (source, 0)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return read_all(sock).split(b"\r\n", 1)[0]
+
+
+def closed_by_server(sock):
+    """Whether the server has closed sock (without blocking)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+
+
+def test_one_address_over_its_cap_cannot_shut_out_another(core, caplog):
+    # The reviewer's attack: one address holding every connection the server
+    # had, with a request now and then: everyone else got 503 for the whole time.
+    with serving(core, per_client=4) as server:
+        port = server.server_address[1]
+        held = [kept_alive(port, "127.0.0.2") for _ in range(12)]
+        try:
+            helpers.wait_for(
+                lambda: server.counts["127.0.0.2"] <= 4, 5, what="the cap to hold"
+            )
+            assert get_from(port, "127.0.0.3") == b"HTTP/1.1 200 OK"
+            helpers.wait_for(
+                lambda: sum(map(closed_by_server, held)) == 8, 5, what="8 closed"
+            )
+        finally:
+            for sock in held:
+                sock.close()
+    assert server.counts.get("127.0.0.2", 0) <= 4
+    assert "127.0.0.2 has 4 connections, its cap: closed an idle one" in caplog.text
+
+
+def test_at_the_cap_a_new_connection_closes_the_oldest_idle_one(core, monkeypatch):
+    monkeypatch.setattr(core, "MAX_CONNECTIONS", 6)
+    with serving(core, per_client=100) as server:
+        port = server.server_address[1]
+        held = [kept_alive(port, "127.0.0.2") for _ in range(6)]
+        try:
+            assert get_from(port, "127.0.0.3") == b"HTTP/1.1 200 OK"
+            assert held[0].recv(100) == b""  # the oldest idle one was closed
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_a_client_at_its_cap_with_no_idle_connection_gets_429(core):
+    with serving(core, per_client=3) as server:
+        port = server.server_address[1]
+        # Connected, no request yet: not idle, so not closed to make room.
+        quiet = [
+            socket.create_connection(("127.0.0.1", port), 5, ("127.0.0.2", 0))
+            for _ in range(3)
+        ]
+        try:
+            helpers.wait_for(lambda: server.counts["127.0.0.2"] == 3, 5, what="3")
+            status = get_from(port, "127.0.0.2")
+            assert status == b"HTTP/1.1 429 Too Many Requests"
+            assert get_from(port, "127.0.0.3") == b"HTTP/1.1 200 OK"
+        finally:
+            for sock in quiet:
+                sock.close()
 
 
 # --- ids ---

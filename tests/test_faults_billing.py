@@ -29,7 +29,7 @@ def test_billing_killed_three_times_while_draining_backlog(procs, queue, orders_
     publish_fast(
         queue,
         [helpers.order(i + 1) for i in range(total)],
-        [f"k9-{i}" for i in range(total)],
+        [helpers.message_id(f"k9-{i}") for i in range(total)],
     )
     helpers.wait_for(
         lambda: helpers.queue_depth(queue) == total, what=f"{total} queued messages"

@@ -222,8 +222,10 @@ def test_idle_and_slow_clients_do_not_starve_others(procs, inventory, queue):
     idle = []  # [server name, seconds until closed, bytes received]
     opened = time.monotonic()
     for name, server in servers.items():
-        for _ in range(IDLE_PER_SERVER):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        for i in range(IDLE_PER_SERVER):
+            # From 8 addresses: each stays under its cap of connections.
+            source = (f"127.0.1.{i % 8 + 1}", 0)
+            sock = socket.create_connection(("127.0.0.1", server.port), 5, source)
             idle.append([name, None, b""])
             sel.register(sock, selectors.EVENT_READ, idle[-1])
     slow = {name: [] for name in servers}

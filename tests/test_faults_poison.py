@@ -47,8 +47,11 @@ def test_poison_message_never_blocks_orders_behind_it(procs, queue, orders_db, k
         poison_ids = [f"poison-{kind}-{i}" for i in range(len(poison))]
     bodies = [good[0], *poison, good[1], *poison, good[2]]
     ids = ["g0", *poison_ids, "g1", *[None] * len(poison), "g2"]
+    good_ids = ("g0", "g1", "g2")
     helpers.publish_raw(
-        queue, bodies, [f"{kind}-{m}" if m in ("g0", "g1", "g2") else m for m in ids]
+        queue,
+        bodies,
+        [helpers.message_id(f"{kind}-{m}") if m in good_ids else m for m in ids],
     )
     start = time.monotonic()
     billing = procs("billing", helpers.billing_env(queue))

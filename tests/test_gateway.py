@@ -7,12 +7,15 @@ import socket
 import subprocess
 import threading
 import time
+from decimal import Decimal
 
 import helpers
 import pytest
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+
+import gateway as gateway_module
 
 ORDER = {"user_id": "20", "number_of_items": "99", "total_amount": "250"}
 
@@ -193,7 +196,10 @@ def test_billing_idempotency_key_becomes_the_message_id(gateway, empty_queue):
         )
         assert status == 200, body
     ids = [p.message_id for p, _ in helpers.drain_queue(empty_queue)]
-    assert ids == [f"key:20:{key}", f"key:20:{key}", f"key:77:{key}"]
+    same = gateway_module.keyed_message_id((20, 99, Decimal("250.00")), key)
+    other = gateway_module.keyed_message_id((77, 99, Decimal("250.00")), key)
+    assert ids == [same, same, other]
+    assert same.startswith("key:20:") and same.endswith(f":{key}")
 
 
 @pytest.mark.parametrize("key", ["", "has space", "x" * 201, "caf\xe9", "tab\tkey"])
@@ -438,6 +444,27 @@ def test_docs_assets_come_from_node_modules(gateway):
         assert len(body) > 100
     status, _, body = helpers.call(gateway.url, "GET", "/docs")
     assert b"http" not in body.replace(b"http-equiv", b"")  # nothing from a CDN
+
+
+def test_docs_serves_only_the_files_its_page_loads(gateway):
+    assert {
+        "swagger-ui.css",
+        "swagger-ui-bundle.js",
+        "swagger-ui-standalone-preset.js",
+        "favicon-16x16.png",
+        "favicon-32x32.png",
+    } == gateway_module.DOCS_FILES
+    for name in (
+        "package.json",
+        "README.md",
+        "index.html",
+        "swagger-initializer.js",
+        "swagger-ui-bundle.js.map",
+        "oauth2-redirect.html",
+    ):
+        assert (gateway_module.DOCS_ASSETS / name).is_file(), name  # it is there
+        status = helpers.call(gateway.url, "GET", f"/docs/{name}")[0]
+        assert status == 404, (name, status)
 
 
 @settings(max_examples=60, deadline=None)

@@ -659,7 +659,8 @@ def db(clean_movies):
 def lends(db, monkeypatch):
     """Each connection db lends, as [pool name, [(query, budget, limit, text)]]."""
     lent = []
-    for label, pool in (("rows", db.rows), ("pages", db.pages_pool)):
+    pools = (("rows", db.rows), ("pages", db.pages_pool), ("searches", db.searches))
+    for label, pool in pools:
 
         @contextlib.contextmanager
         def lend(real=pool.connection, label=label):
@@ -703,7 +704,7 @@ def test_the_first_page_is_small_on_the_rows_pool_the_rest_on_pages(
     first = first_page_holds([s for _, s in want])
     assert 1 < first < len(want)
     (label, calls), *rest = lends
-    assert label == "rows"
+    assert label == ("rows" if search is None else "searches")
     assert {budget for _, budget, _, _ in calls} == {SMALL}
     assert calls[-1][3].count(b'"id"') == first  # the page kept, cut by the SQL
     assert rest, "a single page"
@@ -724,13 +725,13 @@ def test_a_plain_list_uses_only_the_page_pool(db, lends, clean_movies):
     assert {budget for _, budget, _, _ in lends[0][1]} == {BIG}
 
 
-def test_a_short_search_is_one_small_page_on_the_rows_pool(db, lends, clean_movies):
+def test_a_short_search_is_one_small_page_on_the_search_pool(db, lends, clean_movies):
     seed(clean_movies, haystack(count=5))
     assert len(read_pages(db, "needle")) == 5
     assert len(read_pages(db, "needle", 2, 2)) == 2
     assert len(read_pages(db, None, 3, 4)) == 4
     assert len(read_pages(db, "nothing")) == 0
-    assert [label for label, _ in lends] == ["rows"] * 4
+    assert [label for label, _ in lends] == ["searches"] * 2 + ["rows", "searches"]
     assert {c[1] for _, calls in lends for c in calls} == {SMALL}
 
 
@@ -754,9 +755,9 @@ def test_rows_connections_never_get_more_than_a_small_page(db, lends, clean_movi
             total += len(json.dumps(got))
             assert got == [m for m, _ in expected(clean_movies, search, offset, limit)]
     assert total > 5 * BIG
-    small = [c for label, calls in lends if label == "rows" for c in calls]
+    small = [c for label, calls in lends if label == "searches" for c in calls]
     large = [c for label, calls in lends if label == "pages" for c in calls]
-    assert len([label for label, _ in lends if label == "rows"]) == 15
+    assert len([label for label, _ in lends if label == "searches"]) == 15
     assert max(len(text) for *_, text in small) <= SMALL + largest
     assert {budget for _, budget, _, _ in small} == {SMALL}
     assert {budget for _, budget, _, _ in large} == {BIG}
@@ -828,3 +829,76 @@ def test_the_first_requests_after_a_database_restart_succeed(clean_movies):
             assert status == 200 and seconds < 1, (path, status, body, seconds)
     finally:
         service.stop()
+
+
+# --- A search crafted to cost the database as much as it can ---
+
+RARE = "\u01c2"  # a character no ordinary title has
+
+
+def test_a_crafted_search_cannot_starve_point_reads(clean_movies):
+    # The reviewer's attack: 10,000 titles of a rare character 253 times plus
+    # "ba", then a search for it 254 times plus "b": every trigram matches
+    # every title, PostgreSQL rechecks each, seconds a query. 20 such searches
+    # at once took every pooled connection (a GET by id got 503 after 4 s) and
+    # ran on after the gateway had given up.
+    with helpers.admin_connect(clean_movies) as conn:
+        conn.execute(
+            "INSERT INTO movies (title) SELECT repeat(%s, 253) || 'ba'"
+            " FROM generate_series(1, 10000)",
+            [RARE],
+        )
+        (movie,) = conn.execute(
+            "INSERT INTO movies (title) VALUES ('Plain') RETURNING id"
+        ).fetchone()
+    port = helpers.free_port()
+    service = helpers.Service("inventory", helpers.inventory_env(port), port).start()
+    search = "/api/movies?title=" + urllib.parse.quote(RARE * 254 + "b")
+    budget = float(helpers.ENV["INVENTORY_SEARCH_TIMEOUT"])
+    assert budget < float(helpers.ENV["INVENTORY_TIMEOUT"])
+    reads, done = [], threading.Event()
+
+    def read_by_id():
+        while not done.is_set():
+            reads.append(helpers.timed_call(service, "GET", f"/api/movies/{movie}"))
+            time.sleep(0.05)
+
+    try:
+        normal = [helpers.timed_call(service, "GET", f"/api/movies/{movie}")[2]]
+        reader = threading.Thread(target=read_by_id, daemon=True)
+        reader.start()
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            searches = list(
+                pool.map(
+                    lambda _: helpers.timed_call(service, "GET", search), range(20)
+                )
+            )
+        answered = time.monotonic()
+        done.set()
+        reader.join(10)
+        running = []
+        while time.monotonic() - answered < 1:  # nothing keeps running after
+            running = helpers.rows(
+                clean_movies,
+                "SELECT query FROM pg_stat_activity WHERE state = 'active'"
+                " AND application_name = 'inventory'",
+            )
+            if not running:
+                break
+            time.sleep(0.05)
+    finally:
+        service.stop()
+    statuses = {status for status, _, _ in searches}
+    assert statuses <= {200, 503}, searches
+    slowest = max(seconds for _, _, seconds in searches)
+    # Past its budget a search is cancelled; one waits for a connection up to
+    # DB_WAIT: either way, answered before the gateway's wait for inventory ends.
+    assert slowest < budget + inventory.DB_WAIT + 1, slowest
+    assert reads and {status for status, _, _ in reads} == {200}, reads
+    worst = max(seconds for _, _, seconds in reads)
+    assert worst < 1.0, f"a read by id took {worst:.2f}s (alone: {normal[0]:.3f}s)"
+    assert not running, running
+    print(
+        f"searches: {sorted(statuses)} slowest {slowest:.2f}s;"
+        f" reads by id: {len(reads)}, slowest {worst:.3f}s"
+    )

@@ -198,6 +198,56 @@ def test_a_new_connection_fails_what_the_last_ioloop_never_published(monkeypatch
     assert sent == [] and publisher._outbox == [] and not publisher._woken
 
 
+class Reconnecting:
+    """A session whose connection, when first read, drops and is replaced by
+    new_conn as _run and _serve would do: the thread switch a race needs."""
+
+    def __init__(self, publisher, new_conn):
+        self.__dict__.update(real=publisher._session, publisher=publisher)
+        self.__dict__.update(current=self.real.conn, new_conn=new_conn, reads=0)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    @property
+    def conn(self):
+        self.__dict__["reads"] += 1
+        seen = self.current
+        if self.reads == 1:
+            switch = threading.Thread(target=self.reconnect)
+            switch.start()
+            switch.join(0.5)  # done, unless it waits for a lock the reader holds
+        return seen
+
+    def reconnect(self):
+        self.publisher.ready.clear()
+        self.publisher._clear_outbox("connection lost")
+        self.__dict__["current"] = self.new_conn
+        self.publisher.ready.set()
+
+
+def test_a_reconnect_right_after_an_order_reads_the_connection_strands_nothing(
+    monkeypatch,
+):
+    # The order read the old connection, the publisher reconnected, then the
+    # order woke the old (dead) ioloop: _woken stayed set, and every later
+    # order waited for a wake-up that never came: 503 until the next reconnect.
+    publisher, _, sent = fake_publisher(monkeypatch)
+    monkeypatch.setattr(gateway, "PUBLISH_TIMEOUT", 1)
+    new_loop = FakeIOLoop()
+    new_conn = types.SimpleNamespace(ioloop=new_loop, batch=contextlib.nullcontext)
+    publisher._session = Reconnecting(publisher, new_conn)
+    (first,) = start_publishes(publisher, 1)
+    first[0].join(5)
+    assert first[1] == [503]  # it may not be stored: 503, at once or in time
+    calls = start_publishes(publisher, 1)
+    wait_outbox(publisher, 1)
+    assert new_loop.run() == 1, "the live connection was never woken"
+    sent[-1].future.set_result(None)
+    calls[0][0].join(5)
+    assert calls[0][1] == ["ok"]
+
+
 # --- The log line, once confirmed ---
 
 

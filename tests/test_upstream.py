@@ -3,6 +3,8 @@
 import contextlib
 import http.client
 import io
+import time
+import types
 
 import pytest
 from hypothesis import given
@@ -56,9 +58,9 @@ class FakeLink:
         self.closed = True
 
 
-def client(*links):
+def client(*links, size=8, timeout=1.0):
     """An Upstream whose new connections are the given fake links, in order."""
-    upstream = gateway.Upstream("inventory", 8080, 1.0)
+    upstream = gateway.Upstream("inventory", 8080, timeout, size)
     queue = list(links)
 
     def connect():
@@ -304,6 +306,37 @@ def test_relay_stopped_early_closes_the_link():
     assert next(data) == b"abc"
     data.close()  # the client went away
     assert link.closed
+
+
+def test_connections_to_inventory_are_capped_and_freed():
+    # Unbounded before: one connection per request in flight, while inventory
+    # admits a capped number from the gateway's address.
+    links = [FakeLink(chunked(b"a", b"b") * n) for n in (2, 1, 1)]
+    upstream = client(*links, size=2, timeout=0.2)
+    first = upstream.request("GET", "/api/movies", None, [])[2]
+    second = upstream.request("GET", "/api/movies", None, [])[2]
+    start = time.monotonic()
+    error = assert_fails(upstream, 503)
+    assert error.message == "inventory busy, try again"
+    assert 0.2 <= time.monotonic() - start < 1.0
+    assert b"".join(first) == b"ab"  # read whole: its connection is kept
+    assert get(upstream)[2] == b"ab"  # and reused
+    second.close()  # before its first chunk: a client gone at once
+    assert links[1].closed
+    assert get(upstream)[2] == b"ab"  # a new connection: the cap had room again
+
+
+def test_idle_connections_past_upstream_idle_are_closed_not_kept(monkeypatch):
+    links = [FakeLink(json_answer(b"{}") * 2) for _ in range(3)]
+    upstream = client(*links)
+    now = [1000.0]
+    monkeypatch.setattr(gateway.time, "monotonic", lambda: now[0])
+    answers = [upstream.request("GET", "/api/movies", None, []) for _ in range(2)]
+    assert [a[0] for a in answers] == [200, 200]
+    assert not any(link.closed for link in links)
+    now[0] += gateway.UPSTREAM_IDLE + 1
+    assert get(upstream)[0] == 200  # on a new connection
+    assert links[0].closed  # the idle one went
 
 
 def test_timeout_is_504():
@@ -638,3 +671,31 @@ def test_chunked_round_trip(chunks, after):
     rfile = reader(data + after)
     assert drain(gateway.read_chunks(rfile)) == (chunks, [])
     assert rfile.read() == after
+
+
+# --- Through the handler ---
+
+
+def test_headers_a_connection_line_names_are_not_forwarded_either_way():
+    private = b"Connection: X-Private\r\nX-Private: 1\r\nX-Kept: 2\r\n"
+    link = FakeLink(json_answer(b"{}", extra=private))
+    pairs = [
+        ("Host", "x"),
+        ("Connection", "X-Secret , keep-alive"),
+        ("X-Secret", "s"),
+        ("X-Other", "o"),
+    ]
+    req = types.SimpleNamespace(
+        method="GET",
+        length=0,
+        headers=gateway.Headers(pairs),
+        client=("192.0.2.1", 5),
+        request_id="r1",
+        target="/api/movies",
+    )
+    response = gateway.proxy_movies(req, client(link))
+    sent = b"".join(link.sock.sent)
+    assert b"X-Secret" not in sent and b"keep-alive" not in sent.lower(), sent
+    assert b"X-Other: o\r\n" in sent
+    assert response.headers.get("X-Kept") == "2"
+    assert "X-Private" not in response.headers

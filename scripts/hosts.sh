@@ -15,9 +15,10 @@
 #
 # Each host is `systemd-nspawn --boot` (systemd as PID 1, hostname = VM name) on an
 # overlay of a cached debootstrap of Debian 12, in a network namespace of its own
-# joined to a bridge. The names, addresses and provisioning scripts come from the
-# Vagrantfile's MACHINES and .env; the provisioning environment is .env plus
-# vm.env, the two files the Vagrantfile reads. The bridge has the .1 address of
+# joined to a bridge, with CAP_NET_ADMIN there (for its firewall, as on a VM). The
+# names, addresses and provisioning scripts come from the Vagrantfile's MACHINES
+# and .env; the provisioning environment is .env plus vm.env, the two files the
+# Vagrantfile reads. The bridge has the .1 address of
 # the VMs' /24 and stands in for the reviewer's computer. The hosts reach each
 # other, and the package registries this machine uses (nftables NAT to their
 # addresses, ports 80 and 443) and nothing else.
@@ -381,6 +382,7 @@ power() {
       --machine="$name" \
       --hostname="$name" \
       --network-namespace-path="/run/netns/$(netns_name "$name")" \
+      --capability=CAP_NET_ADMIN \
       --register=no --keep-unit \
       --resolv-conf=off --timezone=off --link-journal=no \
       --console=read-only &

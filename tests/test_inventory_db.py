@@ -836,24 +836,68 @@ def test_the_first_requests_after_a_database_restart_succeed(clean_movies):
 RARE = "\u01c2"  # a character no ordinary title has
 
 
+def seed_crafted(dbname):
+    """10,000 titles whose trigrams a crafted search all shares; a plain movie's id."""
+    with helpers.admin_connect(dbname) as conn:
+        conn.execute(
+            "INSERT INTO movies (title) SELECT repeat(%s, 253) || 'ba'"
+            " FROM generate_series(1, 10000)",
+            [RARE],
+        )
+        return conn.execute(
+            "INSERT INTO movies (title) VALUES ('Plain') RETURNING id"
+        ).fetchone()[0]
+
+
+CRAFTED_SEARCH = "/api/movies?title=" + urllib.parse.quote(RARE * 254 + "b")
+
+
+def inventory_queries(dbname):
+    """The queries inventory has running right now."""
+    return helpers.rows(
+        dbname,
+        "SELECT query FROM pg_stat_activity WHERE state = 'active'"
+        " AND application_name = 'inventory'",
+    )
+
+
+def test_a_search_whose_client_hangs_up_is_cancelled_at_once(clean_movies):
+    seed_crafted(clean_movies)
+    port = helpers.free_port()
+    service = helpers.Service("inventory", helpers.inventory_env(port), port).start()
+    try:
+        client = socket.create_connection(("127.0.0.1", port), 5)
+        client.sendall(f"GET {CRAFTED_SEARCH} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        helpers.wait_for(
+            lambda: inventory_queries(clean_movies), 5, interval=0.02, what="the search"
+        )
+        client.close()
+        gone = time.monotonic()
+        helpers.wait_for(
+            lambda: not inventory_queries(clean_movies),
+            5,
+            interval=0.02,
+            what="the search to stop",
+        )
+        took = time.monotonic() - gone
+        helpers.wait_for(
+            lambda: "its search was cancelled" in service.tail(), 5, what="the log"
+        )
+    finally:
+        service.stop()
+    assert took < 0.5, f"the search ran {took:.2f}s after its client had gone"
+
+
 def test_a_crafted_search_cannot_starve_point_reads(clean_movies):
     # The reviewer's attack: 10,000 titles of a rare character 253 times plus
     # "ba", then a search for it 254 times plus "b": every trigram matches
     # every title, PostgreSQL rechecks each, seconds a query. 20 such searches
     # at once took every pooled connection (a GET by id got 503 after 4 s) and
     # ran on after the gateway had given up.
-    with helpers.admin_connect(clean_movies) as conn:
-        conn.execute(
-            "INSERT INTO movies (title) SELECT repeat(%s, 253) || 'ba'"
-            " FROM generate_series(1, 10000)",
-            [RARE],
-        )
-        (movie,) = conn.execute(
-            "INSERT INTO movies (title) VALUES ('Plain') RETURNING id"
-        ).fetchone()
+    movie = seed_crafted(clean_movies)
     port = helpers.free_port()
     service = helpers.Service("inventory", helpers.inventory_env(port), port).start()
-    search = "/api/movies?title=" + urllib.parse.quote(RARE * 254 + "b")
+    search = CRAFTED_SEARCH
     budget = float(helpers.ENV["INVENTORY_SEARCH_TIMEOUT"])
     assert budget < float(helpers.ENV["INVENTORY_TIMEOUT"])
     reads, done = [], threading.Event()
@@ -878,11 +922,7 @@ def test_a_crafted_search_cannot_starve_point_reads(clean_movies):
         reader.join(10)
         running = []
         while time.monotonic() - answered < 1:  # nothing keeps running after
-            running = helpers.rows(
-                clean_movies,
-                "SELECT query FROM pg_stat_activity WHERE state = 'active'"
-                " AND application_name = 'inventory'",
-            )
+            running = inventory_queries(clean_movies)
             if not running:
                 break
             time.sleep(0.05)

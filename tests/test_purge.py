@@ -84,7 +84,9 @@ def copy(tmp_path):
     outer = Path(tempfile.mkdtemp(prefix="movie-shop-purge-"))
     outer.chmod(0o700)
     target = outer / "repo"
-    skip = shutil.ignore_patterns("venv", "logs", "node_modules", ".git", ".*cache")
+    skip = shutil.ignore_patterns(
+        "venv", "logs", "node_modules", ".git", ".*cache", "__pycache__"
+    )
     shutil.copytree(ROOT, target, ignore=skip)
     for path in [outer, target, *target.rglob("*")]:
         os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)

@@ -1543,11 +1543,6 @@ class Request:
         self.body_read = False
         self._conn = conn
 
-    @property
-    def sock(self) -> socket.socket:
-        """The client's socket (to see whether it hung up, never to read)."""
-        return self._conn.sock
-
     @functools.cached_property
     def query(self) -> dict[str, str]:
         """The query string as {name: last value}; 400 unless it is UTF-8."""

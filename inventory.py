@@ -168,24 +168,20 @@ def _checked(pgconn: pq.abc.PGconn, result: pq.abc.PGresult) -> pq.abc.PGresult:
 
 
 def run(
-    conn: psycopg.Connection[Any],
-    name: str,
-    params: Mapping[str, object],
-    client: socket.socket | None = None,
+    conn: psycopg.Connection[Any], name: str, params: Mapping[str, object]
 ) -> list[tuple[Any, ...]]:
     """Run a named query straight through libpq; return its rows.
 
     Integers come back as int, every other value as its text's UTF-8 bytes
     (the JSON bodies PostgreSQL builds, sent on without decoding them), NULL
     as None. This skips psycopg's cursor: it was a third of the CPU per
-    request, and a pooled connection is used by one thread at a time. An
-    unprepared query (a search) is cancelled if client hangs up meanwhile.
+    request, and a pooled connection is used by one thread at a time.
     """
     statement = STATEMENTS[name]
     values = [_text(params[key]) for key in statement.params]
     pgconn = conn.pgconn
     if name in UNPREPARED:
-        result = _exec_watched(pgconn, statement.sql, values, client)
+        result = _checked(pgconn, pgconn.exec_params(statement.sql, values))
     else:
         result = _exec_prepared(pgconn, statement, values)
     types = [result.ftype(col) for col in range(result.nfields)]
@@ -195,51 +191,6 @@ def run(
     ]
     result.clear()  # libpq's copy of a page goes now, not when collected
     return rows
-
-
-def _exec_watched(
-    pgconn: pq.abc.PGconn,
-    sql: bytes,
-    values: list[bytes | None],
-    client: socket.socket | None,
-) -> pq.abc.PGresult:
-    """exec_params, but a client that hangs up while PostgreSQL works has its
-    query cancelled at once (ApiError): nobody is left to read the answer."""
-    if client is None:
-        return _checked(pgconn, pgconn.exec_params(sql, values))
-    pgconn.send_query_params(sql, values)  # blocking: sent whole
-    watched, gone = [pgconn.socket, client.fileno()], False
-    while True:
-        ready = select.select(watched, [], [])[0]
-        if client.fileno() in ready:
-            watched.remove(client.fileno())  # it said what it had to say
-            if _hung_up(client):
-                pgconn.get_cancel().cancel()
-                gone = True
-        if pgconn.socket in ready:
-            pgconn.consume_input()
-            if not pgconn.is_busy():
-                break
-    result = pgconn.get_result()
-    if result is None:  # the connection broke
-        raise psycopg.OperationalError(pgconn.get_error_message() or "no answer")
-    while (extra := pgconn.get_result()) is not None:
-        extra.clear()
-    if gone:
-        result.clear()
-        log.info("client went away: its search was cancelled")
-        raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the client went away")
-    return _checked(pgconn, result)
-
-
-def _hung_up(client: socket.socket) -> bool:
-    """Whether client closed its end (read without taking anything)."""
-    try:
-        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:  # reset
-        return True
 
 
 def _exec_prepared(
@@ -411,11 +362,7 @@ class Database:
         return None if row is None else row[0]
 
     def pages(
-        self,
-        pattern: str | None,
-        offset: int,
-        limit: int | None,
-        client: socket.socket | None = None,
+        self, pattern: str | None, offset: int, limit: int | None
     ) -> Iterator[tuple[bytes, bool]]:
         """Yield (JSON bytes, more) pages: all movies, or `limit` of them.
 
@@ -441,9 +388,9 @@ class Database:
         while True:
             params["limit"] = rows if left is None else min(left, rows)
             with pool.connection() as conn:
-                text, kept, last, read = run(conn, name, params, client)[0]
+                text, kept, last, read = run(conn, name, params)[0]
                 if read and not kept:  # over the budget: cut it where it ends
-                    text, kept, last, read = run(conn, cut, params, client)[0]
+                    text, kept, last, read = run(conn, cut, params)[0]
             if left is not None:
                 left -= kept
             more = (kept < read or read == params["limit"]) and left != 0
@@ -558,7 +505,7 @@ def list_movies(req: Request, db: Database) -> Response:
         pattern = like_pattern(text)
     limit = parse_count(query, "limit", 1, MAX_LIMIT)
     offset = parse_count(query, "offset", 0, MAX_DB_INT) or 0
-    pages = db.pages(pattern, offset, limit, req.sock)
+    pages = db.pages(pattern, offset, limit)
     first, more = next(pages)
     if not more:
         return Response(HTTPStatus.OK, first + b"]", {"Content-Type": JSON})
@@ -854,11 +801,6 @@ class Request:
             raise ApiError(HTTPStatus.BAD_REQUEST, "send one Host header")
         self.body_read = False
         self._conn = conn
-
-    @property
-    def sock(self) -> socket.socket:
-        """The client's socket (to see whether it hung up, never to read)."""
-        return self._conn.sock
 
     @functools.cached_property
     def query(self) -> dict[str, str]:

@@ -109,9 +109,10 @@ purge_rabbitmq() {
   local queue user
   command -v rabbitmqctl >/dev/null && rabbitmq_running || return 0
   for queue in "$RABBITMQ_QUEUE" "$RABBITMQ_QUEUE.dead"; do
-    if rabbitmqctl -q list_queues name | grep -qxF -- "$queue"; then
-      log "rabbitmq: deleting queue $queue"
-      rabbitmqctl -q delete_queue "$queue" >/dev/null
+    # Deleted whether or not a listing shows it (one taken while its last
+    # consumer goes away can miss it); one that is not there is no error.
+    if rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1; then
+      log "rabbitmq: deleted queue $queue"
     fi
   done
   for user in "$RABBITMQ_GATEWAY_USER" "$RABBITMQ_BILLING_USER"; do

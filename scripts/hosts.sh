@@ -62,26 +62,17 @@ declare -A HOST_IP=() HOST_SCRIPT=()
 declare -A VM_ENV=()
 declare -a VM_ENV_KEYS=()
 
-# trim TEXT: TEXT without leading and trailing white space.
-trim() {
-  [[ "$1" =~ ^[[:space:]]*(.*[^[:space:]])?[[:space:]]*$ ]]
-  printf '%s\n' "${BASH_REMATCH[1]}"
-}
-
-# read_env_file FILE: KEY=VALUE lines, read as the Vagrantfile's read_env reads them.
+# read_env_file FILE: the settings of FILE in VM_ENV (in VM_ENV_KEYS' order),
+# read by lib.sh's env_line: the grammar of the services, load_env and the
+# Vagrantfile alike; a line outside it stops with its number.
 read_env_file() {
-  local line key value
+  local line number=0
   while IFS= read -r line || [[ -n "$line" ]]; do
-    line="$(trim "${line%$'\r'}")"
-    line="${line#export }"
-    [[ -z "$line" || "$line" == "#"* || "$line" != *=* ]] && continue
-    key="$(trim "${line%%=*}")"
-    value="$(trim "${line#*=}")"
-    if [[ "$value" =~ ^\"(.*)\"$ || "$value" =~ ^\'(.*)\'$ ]]; then
-      value="${BASH_REMATCH[1]}"
-    fi
-    [[ -n "${VM_ENV[$key]+x}" ]] || VM_ENV_KEYS+=("$key")
-    VM_ENV["$key"]="$value"
+    number=$((number + 1))
+    env_line "${line%$'\r'}" || die "$1 line $number: $ENV_ERROR"
+    [[ -n "$ENV_NAME" ]] || continue
+    [[ -n "${VM_ENV[$ENV_NAME]+x}" ]] || VM_ENV_KEYS+=("$ENV_NAME")
+    VM_ENV["$ENV_NAME"]="$ENV_VALUE"
   done <"$1"
 }
 
@@ -704,4 +695,7 @@ main() {
   esac
 }
 
-main "$@"
+# Sourced (tests/test_env_grammar.py reads .env with read_env_file): no command.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi

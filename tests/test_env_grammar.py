@@ -1,4 +1,4 @@
-"""One .env grammar: python-dotenv, scripts/lib.sh and the Vagrantfile agree.
+"""One .env grammar: python-dotenv, scripts/lib.sh, hosts.sh and the Vagrantfile agree.
 
 python-dotenv (what the services use) is the reference. The bash and Ruby
 readers must give the same settings for every line of the grammar, and for a
@@ -27,6 +27,13 @@ load_env "$2"
 for name in $(compgen -e); do
   [[ -n "${before[$name]:-}" ]] || printf '%s\0%s\0' "$name" "${!name}"
 done
+"""
+
+HOSTS_READER = r"""
+set -euo pipefail
+source "$1/scripts/hosts.sh"
+read_env_file "$2"
+for name in "${VM_ENV_KEYS[@]}"; do printf '%s\0%s\0' "$name" "${VM_ENV[$name]}"; done
 """
 
 RUBY_READER = r"""
@@ -96,6 +103,11 @@ def read_bash(path):
     return _run(["bash", "-c", BASH_READER, "bash", str(ROOT), str(path)])
 
 
+def read_hosts(path):
+    """read_env_file from scripts/hosts.sh; (settings, None) or (None, its error)."""
+    return _run(["bash", "-c", HOSTS_READER, "bash", str(ROOT), str(path)])
+
+
 def read_ruby(path):
     """read_env from the Vagrantfile; (settings, None) or (None, its error)."""
     return _run(["ruby", "-e", RUBY_READER, str(ROOT / "Vagrantfile"), str(path)])
@@ -117,6 +129,7 @@ def test_sample_reads_the_same_in_python_bash_and_ruby(tmp_path, newline):
     path.write_bytes(SAMPLE.replace("\n", newline).encode())
     assert read_python(path) == EXPECTED
     assert read_bash(path) == (EXPECTED, None)
+    assert read_hosts(path) == (EXPECTED, None)
     assert read_ruby(path) == (EXPECTED, None)
 
 
@@ -136,7 +149,7 @@ def test_sample_reads_the_same_in_python_bash_and_ruby(tmp_path, newline):
 def test_lines_outside_the_grammar_are_refused_with_their_number(tmp_path, line):
     path = tmp_path / "bad.env"
     path.write_bytes(f"# first\n{line}\n".encode())
-    for reader in (read_bash, read_ruby):
+    for reader in (read_bash, read_hosts, read_ruby):
         settings_read, error = reader(path)
         assert settings_read is None, f"{reader.__name__} accepted {line!r}"
         assert "line 2" in error, error
@@ -145,6 +158,7 @@ def test_lines_outside_the_grammar_are_refused_with_their_number(tmp_path, line)
 def test_committed_env_reads_the_same_everywhere():
     path = ROOT / ".env"
     assert read_bash(path) == (read_python(path), None)
+    assert read_hosts(path) == (read_python(path), None)
     assert read_ruby(path) == (read_python(path), None)
 
 
@@ -189,6 +203,7 @@ def test_grammar_lines_read_the_same_everywhere(tmp_path, lines, newline):
     path = write(tmp_path, lines, newline)
     expected = read_python(path)
     assert read_bash(path) == (expected, None)
+    assert read_hosts(path) == (expected, None)
     assert read_ruby(path) == (expected, None)
 
 
@@ -206,7 +221,7 @@ ANY_LINE = st.lists(
 def test_any_line_is_read_the_same_or_refused(tmp_path, lines, newline):
     path = write(tmp_path, lines, newline)
     expected = read_python(path)
-    for reader in (read_bash, read_ruby):
+    for reader in (read_bash, read_hosts, read_ruby):
         settings_read, error = reader(path)
         if settings_read is None:
             assert "line" in error, error

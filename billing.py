@@ -38,6 +38,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from typing import NamedTuple
 
 import pika
 import psycopg
@@ -141,8 +142,17 @@ def check_message_id(message_id: object, order: Order) -> None:
 
 Verdict = tuple[Order | None, str | None]  # (order, None) or (None, why dead)
 Suspect = tuple[int, Any, bytes]  # delivery tag, message_id, body
-Message = tuple[int, bool, Any, bytes]  # delivery tag, redelivered, properties, body
 Row = tuple[int, int, Decimal, Any]  # an order and its message_id, to insert
+
+
+class Delivery(NamedTuple):
+    """A message as RabbitMQ delivered it."""
+
+    tag: int
+    redelivered: bool  # unsettled when a consumer stopped: maybe it killed billing
+    properties: Any  # pika's BasicProperties: message_id among them
+    body: bytes
+
 
 # --- Config ---
 
@@ -161,13 +171,17 @@ REQUIRED = (
 )
 
 
-def load_config() -> dict[str, str]:
+# --- shared: config (identical in gateway.py, inventory.py, billing.py) ---
+def load_config(name: str, required: tuple[str, ...]) -> dict[str, str]:
     """Read settings from the environment (and .env); exit if any is missing."""
     load_dotenv(HERE / ".env")
-    missing = [k for k in REQUIRED if not os.environ.get(k)]
+    missing = [k for k in required if not os.environ.get(k)]
     if missing:
-        sys.exit(f"billing: missing settings: {', '.join(missing)}")
-    return {k: os.environ[k] for k in REQUIRED}
+        sys.exit(f"{name}: missing settings: {', '.join(missing)}")
+    return {k: os.environ[k] for k in required}
+
+
+# --- end of shared: config ---
 
 
 # --- shared: amqp (identical in gateway.py, billing.py) ---
@@ -237,6 +251,7 @@ class Backoff:
 
 # --- SQL ---
 
+# --- shared: sql (identical in inventory.py, billing.py) ---
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
@@ -246,6 +261,24 @@ def load_queries(path: Path) -> dict[str, str]:
     return {
         name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2], strict=True)
     }
+
+
+def database_conninfo(config: dict[str, str], prefix: str, name: str) -> str:
+    """libpq's connection string from the PREFIX_DB_* settings."""
+    return psycopg.conninfo.make_conninfo(
+        host=config[f"{prefix}_DB_HOST"],
+        port=config[f"{prefix}_DB_PORT"],
+        dbname=config[f"{prefix}_DB_NAME"],
+        user=config[f"{prefix}_DB_USER"],
+        password=config[f"{prefix}_DB_PASSWORD"],
+        sslmode=config[f"{prefix}_DB_SSLMODE"],
+        gssencmode="disable",  # password logins only: no Kerberos probe
+        connect_timeout=3,
+        application_name=name,
+    )
+
+
+# --- end of shared: sql ---
 
 
 QUERIES = load_queries(HERE / "sql" / "billing_queries.sql")
@@ -362,7 +395,7 @@ def _read_child(reader: int, pid: int) -> tuple[bytes, str | None]:
 # --- Consumer ---
 
 
-def read_batch(batch: list[Message]) -> tuple[list[tuple[int, Row]], dict[int, str]]:
+def read_batch(batch: list[Delivery]) -> tuple[list[tuple[int, Row]], dict[int, str]]:
     """Parse a batch: ([(tag, row to insert)], {tag: dead-letter reason}).
 
     A redelivered message was unsettled when a consumer stopped, maybe
@@ -392,7 +425,7 @@ def read_batch(batch: list[Message]) -> tuple[list[tuple[int, Row]], dict[int, s
     return rows, dead
 
 
-def settle(channel: Any, batch: list[Message], dead: dict[int, str]) -> None:
+def settle(channel: Any, batch: list[Delivery], dead: dict[int, str]) -> None:
     """Dead-letter the messages in `dead`, then ack the rest of the batch.
 
     The nacks go first, and the one ack (multiple) goes to the last tag not
@@ -429,7 +462,7 @@ class _Store:
             self._db.close()
             self._db = None
 
-    def store(self, channel: Any, batch: list[Message]) -> None:
+    def store(self, channel: Any, batch: list[Delivery]) -> None:
         """Store a batch (Consumer._consume); if it fails, its messages one by one.
 
         A message that fails again alone is dead-lettered with the error.
@@ -447,7 +480,7 @@ class _Store:
             for message in batch:
                 self.store(channel, [message])
 
-    def _store_batch(self, channel: Any, batch: list[Message]) -> None:
+    def _store_batch(self, channel: Any, batch: list[Delivery]) -> None:
         """Insert a batch (store), then settle: dead-letter the bad, ack the rest."""
         rows, dead = read_batch(batch)
         if rows and not self._insert_rows(rows, dead):
@@ -569,7 +602,7 @@ class Consumer:
             channel = self._declare(conn)
             channel.basic_qos(prefetch_count=PREFETCH)
             log.info("consuming from queue %s", self.queue)
-            batch: list[Message] = []
+            batch: list[Delivery] = []
             started = 0.0
             for method, properties, body in channel.consume(
                 self.queue, inactivity_timeout=BATCH_WAIT
@@ -578,7 +611,9 @@ class Consumer:
                     if not batch:
                         started = time.monotonic()
                     batch.append(
-                        (method.delivery_tag, method.redelivered, properties, body)
+                        Delivery(
+                            method.delivery_tag, method.redelivered, properties, body
+                        )
                     )
                 full = len(batch) >= BATCH_SIZE
                 late = batch and time.monotonic() - started >= BATCH_WAIT
@@ -653,21 +688,11 @@ def setup_logging(name: str, level: str) -> None:
 
 def main() -> None:
     """Consume until SIGTERM or SIGINT, then exit 0."""
-    config = load_config()
+    config = load_config("billing", REQUIRED)
     setup_logging("billing", os.environ.get("LOG_LEVEL", "INFO"))
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     params = connection_parameters(config, "billing")
-    conninfo = psycopg.conninfo.make_conninfo(
-        host=config["BILLING_DB_HOST"],
-        port=config["BILLING_DB_PORT"],
-        dbname=config["BILLING_DB_NAME"],
-        user=config["BILLING_DB_USER"],
-        password=config["BILLING_DB_PASSWORD"],
-        sslmode=config["BILLING_DB_SSLMODE"],
-        gssencmode="disable",  # password logins only: no Kerberos probe
-        connect_timeout=3,
-        application_name="billing",
-    )
+    conninfo = database_conninfo(config, "BILLING", "billing")
     consumer = Consumer(params, config["RABBITMQ_QUEUE"], conninfo)
     signal.signal(signal.SIGTERM, consumer.stop)
     signal.signal(signal.SIGINT, consumer.stop)

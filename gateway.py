@@ -17,6 +17,14 @@ Every answer carries an X-Request-Id (the client's, if sane), also sent to
 inventory and written in the access line (LOG_LEVEL=DEBUG). POST /api/billing
 answers the order's message id in X-Message-Id and logs it with the request id;
 billing logs it too.
+
+A request's path through this file:
+    accept   Server.verify_request: the connection caps (per address, in all)
+    head     Handler.handle_one -> read_request_head, parse_head -> Request
+    route    dispatch -> Router.match -> a handler (build_routes)
+    proxy    proxy_movies -> Upstream.request (a pooled keep-alive connection)
+    publish  post_billing -> check_order -> Publisher.publish (waits for the confirm)
+    answer   write_response: one write, or chunks as inventory sends them
 """
 
 from __future__ import annotations
@@ -75,7 +83,8 @@ MAX_CONNECTIONS = 512  # open client connections, one thread each
 PUBLISH_TIMEOUT = 4  # seconds to wait for RabbitMQ's confirm before 503
 UPSTREAM_IDLE = 4  # seconds an idle upstream connection is kept (inventory: 10)
 # One line per request (method, path, status, duration, request id): at INFO
-# it cost W1 18% of its throughput (same-run bench), so LOG_LEVEL=DEBUG only.
+# it costs a measurable share of W1's throughput (bench/HISTORY.md), so
+# LOG_LEVEL=DEBUG only.
 ACCESS_LEVEL = logging.DEBUG
 SERVER_VERSION = "gateway/1.0"
 QUEUE_STATE_AGE = 1.0  # seconds /health reuses its reading of the billing queue
@@ -236,13 +245,17 @@ REQUIRED = (
 )
 
 
-def load_config() -> dict[str, str]:
+# --- shared: config (identical in gateway.py, inventory.py, billing.py) ---
+def load_config(name: str, required: tuple[str, ...]) -> dict[str, str]:
     """Read settings from the environment (and .env); exit if any is missing."""
     load_dotenv(HERE / ".env")
-    missing = [k for k in REQUIRED if not os.environ.get(k)]
+    missing = [k for k in required if not os.environ.get(k)]
     if missing:
-        sys.exit(f"gateway: missing settings: {', '.join(missing)}")
-    return {k: os.environ[k] for k in REQUIRED}
+        sys.exit(f"{name}: missing settings: {', '.join(missing)}")
+    return {k: os.environ[k] for k in required}
+
+
+# --- end of shared: config ---
 
 
 # --- shared: amqp (identical in gateway.py, billing.py) ---
@@ -336,30 +349,12 @@ def idempotency_key(headers: Headers) -> str | None:
     return keys[0] if keys else None
 
 
-def decode_object(body: bytes, what: str) -> dict[str, Any]:
-    """Parse JSON bytes that must hold an object; 400 otherwise."""
-    try:
-        data = json.loads(body, parse_float=_decimal, parse_constant=_reject_constant)
-    except RecursionError:
-        raise _bad(f"{what} is nested too deeply") from None
-    except ValueError as exc:
-        raise _bad(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise _bad(f"{what} must be a JSON object")
-    return data
-
-
 def _decimal(text: str) -> Decimal:
     """A JSON number with a fraction or exponent, as a Decimal; ValueError if absurd."""
     try:
         return Decimal(text)
     except ArithmeticError:  # an exponent beyond what Decimal can hold
         raise ValueError(f"number {text[:20]}... is out of range") from None
-
-
-def _reject_constant(name: str) -> None:
-    """Refuse NaN and Infinity, which are not JSON."""
-    raise ValueError(f"{name} is not allowed")
 
 
 # --- Inventory upstream ---
@@ -513,6 +508,15 @@ def read_chunks(rfile: _Reader) -> Generator[bytes, None, Fields]:
         yield data
 
 
+class Answer(NamedTuple):
+    """Inventory's answer: its status, header fields, and body (bytes, or the
+    chunks as they come)."""
+
+    status: int
+    fields: Fields
+    body: bytes | Iterator[bytes]
+
+
 class Upstream:
     """Keep-alive HTTP connections to inventory, shared by request threads.
 
@@ -556,7 +560,7 @@ class Upstream:
 
     def request(
         self, method: str, path: str, body: bytes | None, headers: Fields
-    ) -> tuple[int, Fields, bytes | Iterator[bytes]]:
+    ) -> Answer:
         """Send one request; return (status, headers, body or its chunks)."""
         data = write_request(method, path, f"{self.host}:{self.port}", headers, body)
         if not self._slots.acquire(timeout=self.timeout):
@@ -572,9 +576,7 @@ class Upstream:
             self._slots.release()
             raise
 
-    def _send(
-        self, method: str, data: bytes
-    ) -> tuple[int, Fields, bytes | Iterator[bytes]]:
+    def _send(self, method: str, data: bytes) -> Answer:
         """request() once it holds a slot, which _release gives back."""
         conn = self._take()
         if conn is not None:
@@ -590,16 +592,14 @@ class Upstream:
             log.warning("inventory dropped the connection: %s", exc)
             raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory failed") from None
 
-    def _exchange(
-        self, conn: _Link, method: str, data: bytes
-    ) -> tuple[int, Fields, bytes | Iterator[bytes]]:
+    def _exchange(self, conn: _Link, method: str, data: bytes) -> Answer:
         """Send data in one write and read the answer; keep conn if reusable."""
         try:
             conn.sock.sendall(data)
             status, http11, fields = read_head(conn.rfile)
             framing, keep = body_framing(method, status, http11, fields)
             if framing == CHUNKED:
-                return status, fields, _Relay(self, conn, keep)
+                return Answer(status, fields, _Relay(self, conn, keep))
             if isinstance(framing, int):
                 body = read_length(conn.rfile, framing)
             else:
@@ -614,7 +614,7 @@ class Upstream:
             log.warning("inventory failed: %s", exc)
             raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory failed") from None
         self._release(conn, keep)
-        return status, fields, body
+        return Answer(status, fields, body)
 
     def _release(self, conn: _Link, keep: bool) -> None:
         """Keep conn for the next request, unless it is to be closed; free its slot."""
@@ -1083,13 +1083,62 @@ class _QueueProbe:
         _fail(future, reason)
 
 
+# The publisher's threads and locks. The publisher thread (Publisher._run)
+# owns the connection and its ioloop, and alone touches _Session and
+# _Confirms. A request thread (Publisher.publish) hands its order to the
+# _Outbox under the outbox's lock, together with the live connection, then
+# wakes that ioloop (once per batch); _send_outbox empties the outbox in the
+# ioloop. Publisher._lock guards _ioloop between _serve and stop(). When a
+# connection ends, Publisher._reset fails every unconfirmed and unsent order
+# (503) and the outbox's pending wake-up, under the outbox's lock, so no order
+# ever waits for a wake-up that will not come.
+
+
+class _Outbox:
+    """Orders handed over and not yet published: one ioloop wake-up takes all
+    that came meanwhile (a wake-up per order cost a system call and a thread
+    switch each). Its lock orders a reconnect's clearing before or after an
+    order's hand-over, never in between."""
+
+    def __init__(self) -> None:
+        self.items: list[_Outgoing] = []
+        self.woken = False  # a wake-up is on its way to the ioloop
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, outgoing: _Outgoing, live: Callable[[], Any]) -> tuple[Any, bool]:
+        """Hand outgoing over on the connection live() reads under the lock;
+        return (that connection, whether to wake its ioloop), or (None, False)
+        with nothing handed over if live() says there is none."""
+        with self._lock:
+            conn = live()
+            if conn is None:
+                return None, False
+            self.items.append(outgoing)
+            wake, self.woken = not self.woken, True
+            return conn, wake
+
+    def take(self) -> list[_Outgoing]:
+        """Every order handed over; the next one wakes the ioloop anew."""
+        with self._lock:
+            items, self.items, self.woken = self.items, [], False
+        return items
+
+    def clear(self, reason: str) -> None:
+        """Fail what a lost ioloop will never publish."""
+        for outgoing in self.take():
+            _fail(outgoing.future, reason)
+
+
 class Publisher:
     """Owns the RabbitMQ connection in one thread; others hand it messages.
 
     Messages are published with `mandatory` on a confirming channel, and the
     caller waits for RabbitMQ's ack: only then is an order safe. _Session
     holds the pika steps, _Confirms the unconfirmed messages, _QueueProbe
-    the queue's reading for /health.
+    the queue's reading for /health; the block above says who holds what.
     """
 
     def __init__(self, params: pika.ConnectionParameters, queue: str) -> None:
@@ -1101,12 +1150,7 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._ioloop: IOLoop | None = None
         self._lock = threading.Lock()  # guards _ioloop between _serve and stop()
-        # Orders handed over and not yet published: one ioloop wake-up takes
-        # all that came meanwhile (a wake-up per order cost a system call and
-        # a thread switch each).
-        self._outbox: list[_Outgoing] = []
-        self._woken = False  # a wake-up is on its way to the ioloop
-        self._outbox_lock = threading.Lock()
+        self._outbox = _Outbox()
 
     def start(self) -> None:
         """Connect in a background thread (_run), reconnecting until stop()."""
@@ -1133,10 +1177,7 @@ class Publisher:
         return self._probe.state()
 
     def publish(self, body: bytes, message_id: str, request_id: str = "-") -> None:
-        """Publish body and wait for the confirm; ApiError 503 if it fails.
-
-        The order's log line comes from _Confirms.settle, once confirmed.
-        """
+        """Publish body, wait for the confirm (_Confirms.settle logs it); else 503."""
         future = _Latch()
         properties = pika.BasicProperties(
             content_type="application/json",
@@ -1145,17 +1186,9 @@ class Publisher:
             timestamp=int(time.time()),
         )
         outgoing = _Outgoing(future, body, properties, request_id)
-        # Read under the outbox's lock: a reconnect clears the outbox (and
-        # _woken) under it, so this order is either failed by that clearing or
-        # handed to the live connection, whose ioloop the wake-up reaches.
-        with self._outbox_lock:
-            conn = self._session.conn
-            if conn is None or not self.ready.is_set():
-                raise ApiError(
-                    HTTPStatus.SERVICE_UNAVAILABLE, "message broker unavailable"
-                )
-            self._outbox.append(outgoing)
-            wake, self._woken = not self._woken, True
+        conn, wake = self._outbox.add(outgoing, self._live)  # see the block above
+        if conn is None:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "message broker unavailable")
         try:
             if wake:
                 conn.ioloop.add_callback_threadsafe(self._send_outbox)
@@ -1170,20 +1203,23 @@ class Publisher:
                 HTTPStatus.SERVICE_UNAVAILABLE, "message broker did not take the order"
             ) from None
 
+    def _live(self) -> Any:
+        """The connection orders can be published on, or None."""
+        return self._session.conn if self.ready.is_set() else None
+
     def _send_outbox(self) -> None:
         """Publish every order handed over since the last wake-up (ioloop thread)."""
-        with self._outbox_lock:
-            outbox, self._outbox, self._woken = self._outbox, [], False
+        outbox = self._outbox.take()
         with self._session.conn.batch():  # one write for all (the ioloop's conn)
             for outgoing in outbox:
                 self._session.confirms.send(outgoing)
 
-    def _clear_outbox(self, reason: str) -> None:
-        """Fail what a lost ioloop will never publish; the next order wakes anew."""
-        with self._outbox_lock:
-            outbox, self._outbox, self._woken = self._outbox, [], False
-        for outgoing in outbox:
-            _fail(outgoing.future, reason)
+    def _reset(self, reason: str) -> None:
+        """A connection ended (_run): not ready; fail every order in flight."""
+        self.ready.clear()
+        self._session.confirms.channel = None
+        self._session.confirms.fail_all(reason)
+        self._outbox.clear(reason)
 
     def _run(self) -> None:
         """The thread (start): _serve a connection, back off, repeat until stop().
@@ -1199,10 +1235,7 @@ class Publisher:
             except Exception as exc:
                 log.exception("publisher failed")
                 self._session.problem = f"publisher failed: {exc}"
-            self.ready.clear()
-            self._session.confirms.channel = None
-            self._session.confirms.fail_all("connection lost")
-            self._clear_outbox("connection lost")
+            self._reset("connection lost")
             self._stop.wait(backoff.failed())
 
     def _serve(self) -> None:
@@ -1211,7 +1244,7 @@ class Publisher:
             if self._stop.is_set():
                 return
             ioloop = self._ioloop = IOLoop()
-        self._clear_outbox("connection lost")  # handed to the last ioloop, late
+        self._outbox.clear("connection lost")  # handed to the last ioloop, late
         try:
             self._session.connect(self.params, ioloop)
             ioloop.start()
@@ -1258,7 +1291,7 @@ def hop_by_hop(fields: Fields, always: set[str]) -> set[str]:
 def post_billing(req: Request, publisher: Publisher) -> Response:
     """POST /api/billing: validate the order and publish it with a confirm."""
     body = req.read_body(MAX_ORDER_BODY, json_only=True)
-    order = validate_order(decode_object(body, "request body"))
+    order = validate_order(decode_object(body, "request body", _decimal))
     key = idempotency_key(req.headers)
     # billing stores each message_id once: a retry of the same order with the
     # same key is a no-op, even if the first attempt's answer was lost.
@@ -1518,12 +1551,21 @@ class Headers:
         return name.lower() in self._values
 
 
+class Head(NamedTuple):
+    """A request's head, parsed."""
+
+    method: str
+    target: str
+    version: str
+    headers: Headers
+
+
 class Request:
     """One request as handlers see it; read_body() reads its body when wanted."""
 
     def __init__(
         self,
-        head: tuple[str, str, str, Headers],
+        head: Head,
         client: tuple[str, int],
         conn: Connection,
     ) -> None:
@@ -1656,7 +1698,7 @@ def head_end(buffer: bytearray | bytes, start: int = 0) -> int:
     return crlf + 3 if crlf >= 0 else 0
 
 
-def parse_head(head: bytes) -> tuple[str, str, str, Headers]:
+def parse_head(head: bytes) -> Head:
     """Split a head into (method, target, version, headers); ApiError if malformed."""
     lines = head.decode("latin-1").split("\n")[:-2]  # the blank line's two ends
     lines = [line[:-1] if line.endswith("\r") else line for line in lines]
@@ -1672,7 +1714,7 @@ def parse_head(head: bytes) -> tuple[str, str, str, Headers]:
         if match is None:
             raise ApiError(HTTPStatus.BAD_REQUEST, "malformed header line")
         pairs.append((match[1], match[2].strip(" \t")))
-    return method, target, version, Headers(pairs)
+    return Head(method, target, version, Headers(pairs))
 
 
 def parse_request_line(line: str) -> tuple[str, str, str]:
@@ -2056,6 +2098,29 @@ class Server(ThreadingHTTPServer):
             log.exception("error serving %s", client_address)
 
 
+def decode_object(
+    body: bytes, what: str, parse_float: Callable[[str], Any] = float
+) -> dict[str, Any]:
+    """Parse JSON bytes that must hold an object; 400 otherwise."""
+    try:
+        data = json.loads(
+            body, parse_float=parse_float, parse_constant=_reject_constant
+        )
+    except RecursionError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} is nested too deeply") from None
+    except ValueError as exc:
+        message = f"{what} is not valid JSON: {exc}"
+        raise ApiError(HTTPStatus.BAD_REQUEST, message) from None
+    if not isinstance(data, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} must be a JSON object")
+    return data
+
+
+def _reject_constant(name: str) -> None:
+    """Refuse NaN and Infinity, which are not JSON."""
+    raise ValueError(f"{name} is not allowed")
+
+
 # --- end of shared: http ---
 
 
@@ -2113,7 +2178,7 @@ def setup_logging(name: str, level: str) -> None:
 
 def main() -> None:
     """Connect to RabbitMQ in the background and serve until SIGTERM or SIGINT."""
-    config = load_config()
+    config = load_config("gateway", REQUIRED)
     setup_logging("gateway", os.environ.get("LOG_LEVEL", "INFO"))
     logging.getLogger("pika").setLevel(logging.CRITICAL)
     params = connection_parameters(config, "gateway", blocked_connection_timeout=10)

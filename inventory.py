@@ -85,7 +85,8 @@ SMALL_PAGE_BYTES = 12 * 1024  # under libpq's first 16 KiB of buffer (Database.p
 # (PostgreSQL's JSON spells each other one \u00XX: 6 bytes for 1).
 _FORBIDDEN_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 # One line per request (method, path, status, duration, request id): at INFO
-# it cost W1 18% of its throughput (same-run bench), so LOG_LEVEL=DEBUG only.
+# it costs a measurable share of W1's throughput (bench/HISTORY.md), so
+# LOG_LEVEL=DEBUG only.
 ACCESS_LEVEL = logging.DEBUG
 SERVER_VERSION = "inventory/1.0"
 
@@ -103,17 +104,22 @@ REQUIRED = (
 )
 
 
-def load_config() -> dict[str, str]:
+# --- shared: config (identical in gateway.py, inventory.py, billing.py) ---
+def load_config(name: str, required: tuple[str, ...]) -> dict[str, str]:
     """Read settings from the environment (and .env); exit if any is missing."""
     load_dotenv(HERE / ".env")
-    missing = [k for k in REQUIRED if not os.environ.get(k)]
+    missing = [k for k in required if not os.environ.get(k)]
     if missing:
-        sys.exit(f"inventory: missing settings: {', '.join(missing)}")
-    return {k: os.environ[k] for k in REQUIRED}
+        sys.exit(f"{name}: missing settings: {', '.join(missing)}")
+    return {k: os.environ[k] for k in required}
+
+
+# --- end of shared: config ---
 
 
 # --- SQL ---
 
+# --- shared: sql (identical in inventory.py, billing.py) ---
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
@@ -123,6 +129,24 @@ def load_queries(path: Path) -> dict[str, str]:
     return {
         name: sql.strip() for name, sql in zip(parts[1::2], parts[2::2], strict=True)
     }
+
+
+def database_conninfo(config: dict[str, str], prefix: str, name: str) -> str:
+    """libpq's connection string from the PREFIX_DB_* settings."""
+    return psycopg.conninfo.make_conninfo(
+        host=config[f"{prefix}_DB_HOST"],
+        port=config[f"{prefix}_DB_PORT"],
+        dbname=config[f"{prefix}_DB_NAME"],
+        user=config[f"{prefix}_DB_USER"],
+        password=config[f"{prefix}_DB_PASSWORD"],
+        sslmode=config[f"{prefix}_DB_SSLMODE"],
+        gssencmode="disable",  # password logins only: no Kerberos probe
+        connect_timeout=3,
+        application_name=name,
+    )
+
+
+# --- end of shared: sql ---
 
 
 QUERIES = load_queries(HERE / "sql" / "inventory_queries.sql")
@@ -302,6 +326,15 @@ class Pool:
                 self.pool.putconn(conn)  # closed: dropped, and replaced
 
 
+class Page(NamedTuple):
+    """One page of movies, as the page queries of sql/ build it."""
+
+    text: bytes | None  # the lead and the movies' JSON; None if none was kept
+    kept: int  # movies in text
+    last: int | None  # the id the next page starts after
+    read: int  # movies read, kept or not (kept < read: cut at the budget)
+
+
 class Database:
     """Runs named queries: single rows on one pool, list pages on another.
 
@@ -367,41 +400,32 @@ class Database:
         """Yield (JSON bytes, more) pages: all movies, or `limit` of them.
 
         The first page starts with "[", each next one with ","; the caller
-        closes the array. Pages follow by id (keyset), each built by PostgreSQL
-        on a connection back in the pool before the yield, so a slow reader
-        never holds one. A page is at most STREAM_PAGE movies and PAGE_BYTES of
-        JSON (plus one movie): memory stays flat whatever the table holds.
-
-        A search or a limited list, mostly short, starts with a page of at
-        most SMALL_PAGE_BYTES on the pool for single rows (whose buffers stay
-        small); what follows, and a whole list, comes from the page pool.
+        closes the array. Pages follow by id (keyset), each built on a
+        connection back in its pool before the yield (a slow reader holds
+        none), each at most STREAM_PAGE movies and PAGE_BYTES of JSON plus one
+        movie. A search (on its own pool) or a limited list (on the rows pool),
+        mostly short, starts with a page of at most SMALL_PAGE_BYTES; the rest,
+        and a whole list, come from the page pool.
         """
-        by_title = ("cut_movies_by_title",) * 2
-        name, cut = ("page_movies", "cut_movies") if pattern is None else by_title
+        title = ("cut_movies_by_title",) * 2
+        query = ("page_movies", "cut_movies") if pattern is None else title
         params = {"pattern": pattern, "after": 0, "offset": offset, "lead": "["}
         small = pattern is not None or limit is not None
-        pool = self.pages_pool if not small else self.rows
-        if pattern is not None:
-            pool = self.searches
+        pool = self.searches if pattern else self.rows if small else self.pages_pool
         params["budget"] = SMALL_PAGE_BYTES if small else PAGE_BYTES
         left, rows, held = limit, STREAM_PAGE, b""
         while True:
             params["limit"] = rows if left is None else min(left, rows)
-            with pool.connection() as conn:
-                text, kept, last, read = run(conn, name, params)[0]
-                if read and not kept:  # over the budget: cut it where it ends
-                    text, kept, last, read = run(conn, cut, params)[0]
+            text, kept, last, read = self._page(pool, query, params)
             if left is not None:
                 left -= kept
             more = (kept < read or read == params["limit"]) and left != 0
-            # Ask next for what the budget held: the next page likely fits
-            # whole, without the window (movies near each other are alike).
+            # Ask next for what the budget held: neighbours are alike in size.
             rows = kept if kept < read else min(2 * rows, STREAM_PAGE)
             if params["lead"] == "[":
                 text = text or b"["
             if more and pool is not self.pages_pool:
-                # Held back until the page pool gives the next page: if it is
-                # busy, the answer is still a clean 503, not a cut-off 200.
+                # Held back until the page pool answers: busy, it is a clean 503.
                 held, pool = text or b"", self.pages_pool
                 rows, params["budget"] = STREAM_PAGE, PAGE_BYTES
             elif text is not None or held:
@@ -410,6 +434,15 @@ class Database:
             if not more:
                 return
             params.update(after=last, offset=0, lead=",")
+
+    def _page(self, pool: Pool, query: tuple[str, str], params: dict[str, Any]) -> Page:
+        """One page on a connection of pool: query[0], or query[1] (the same
+        page cut where the budget ends) if the page would pass the budget."""
+        with pool.connection() as conn:
+            page = Page(*run(conn, query[0], params)[0])
+            if page.read and not page.kept:
+                page = Page(*run(conn, query[1], params)[0])
+        return page
 
 
 # --- Errors and validation ---
@@ -777,12 +810,21 @@ class Headers:
         return name.lower() in self._values
 
 
+class Head(NamedTuple):
+    """A request's head, parsed."""
+
+    method: str
+    target: str
+    version: str
+    headers: Headers
+
+
 class Request:
     """One request as handlers see it; read_body() reads its body when wanted."""
 
     def __init__(
         self,
-        head: tuple[str, str, str, Headers],
+        head: Head,
         client: tuple[str, int],
         conn: Connection,
     ) -> None:
@@ -915,7 +957,7 @@ def head_end(buffer: bytearray | bytes, start: int = 0) -> int:
     return crlf + 3 if crlf >= 0 else 0
 
 
-def parse_head(head: bytes) -> tuple[str, str, str, Headers]:
+def parse_head(head: bytes) -> Head:
     """Split a head into (method, target, version, headers); ApiError if malformed."""
     lines = head.decode("latin-1").split("\n")[:-2]  # the blank line's two ends
     lines = [line[:-1] if line.endswith("\r") else line for line in lines]
@@ -931,7 +973,7 @@ def parse_head(head: bytes) -> tuple[str, str, str, Headers]:
         if match is None:
             raise ApiError(HTTPStatus.BAD_REQUEST, "malformed header line")
         pairs.append((match[1], match[2].strip(" \t")))
-    return method, target, version, Headers(pairs)
+    return Head(method, target, version, Headers(pairs))
 
 
 def parse_request_line(line: str) -> tuple[str, str, str]:
@@ -1315,25 +1357,30 @@ class Server(ThreadingHTTPServer):
             log.exception("error serving %s", client_address)
 
 
-# --- end of shared: http ---
-
-
-def decode_object(body: bytes, what: str) -> dict[str, Any]:
+def decode_object(
+    body: bytes, what: str, parse_float: Callable[[str], Any] = float
+) -> dict[str, Any]:
     """Parse JSON bytes that must hold an object; 400 otherwise."""
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        data = json.loads(
+            body, parse_float=parse_float, parse_constant=_reject_constant
+        )
     except RecursionError:
-        raise _bad(f"{what} is nested too deeply") from None
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} is nested too deeply") from None
     except ValueError as exc:
-        raise _bad(f"{what} is not valid JSON: {exc}") from None
+        message = f"{what} is not valid JSON: {exc}"
+        raise ApiError(HTTPStatus.BAD_REQUEST, message) from None
     if not isinstance(data, dict):
-        raise _bad(f"{what} must be a JSON object")
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} must be a JSON object")
     return data
 
 
 def _reject_constant(name: str) -> None:
     """Refuse NaN and Infinity, which are not JSON."""
     raise ValueError(f"{name} is not allowed")
+
+
+# --- end of shared: http ---
 
 
 # --- Main ---
@@ -1402,24 +1449,14 @@ def float_setting(name: str, default: float) -> float:
 
 def main() -> None:
     """Start the pool and serve until SIGTERM or SIGINT."""
-    config = load_config()
+    config = load_config("inventory", REQUIRED)
     setup_logging("inventory", os.environ.get("LOG_LEVEL", "INFO"))
     timeouts = [
         float_setting("INVENTORY_QUERY_TIMEOUT", QUERY_TIMEOUT),
         float_setting("INVENTORY_SEARCH_TIMEOUT", SEARCH_TIMEOUT),
     ]
     db = Database(
-        psycopg.conninfo.make_conninfo(
-            host=config["INVENTORY_DB_HOST"],
-            port=config["INVENTORY_DB_PORT"],
-            dbname=config["INVENTORY_DB_NAME"],
-            user=config["INVENTORY_DB_USER"],
-            password=config["INVENTORY_DB_PASSWORD"],
-            sslmode=config["INVENTORY_DB_SSLMODE"],
-            gssencmode="disable",  # password logins only: no Kerberos probe
-            connect_timeout=3,
-            application_name="inventory",
-        ),
+        database_conninfo(config, "INVENTORY", "inventory"),
         *timeouts,
     )
     # Bind first: exiting with the pools' threads running can end in a

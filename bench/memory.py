@@ -6,7 +6,7 @@ Each variant runs in a new interpreter: it imports what the service imports,
 opens the service's database connections as billing's role from .env (a SCRAM
 password login over 127.0.0.1, as on the VMs), runs one query on each and
 prints VmRSS, split into anonymous and file-backed memory. The variants are
-the choices behind the services' memory (BENCHMARKS.md, "Memory"): Python's
+the choices behind the services' memory (bench/HISTORY.md, "Memory"): Python's
 ssl loaded or kept out, psycopg's binary or Python layer, and libpq's sslmode
 and gssencmode. Point --port at a PostgreSQL with ssl = on (Debian's default
 on a VM) to see what TLS on the loopback link costs.

@@ -10,7 +10,7 @@
 # where vm.env puts them), the logrotate rules, the ACL entries up.sh added on
 # the directories above the clone, and, when no other app is left in root's
 # PM2, the PM2 daemon, its home and the pm2-root boot service. It leaves the
-# packages installed (README: "Before you start").
+# packages installed (docs/operations.md: "Before you start").
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -202,4 +202,4 @@ if [[ "$(stat -c %U "$REPO_DIR")" != root ]]; then
     -name .pytest_cache -o -name .hypothesis -o -name .ruff_cache -o -name .schemathesis \) \
     -prune -print0)
 fi
-log "purged; left installed: postgresql, rabbitmq-server, nodejs, npm, pm2 (README)"
+log "purged; left installed: postgresql, rabbitmq-server, nodejs, npm, pm2 (docs/operations.md)"

@@ -695,7 +695,7 @@ main() {
   esac
 }
 
-# Sourced (tests/test_env_grammar.py reads .env with read_env_file): no command.
+# Sourced (tests/unit/test_env_grammar.py reads .env with read_env_file): no command.
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   main "$@"
 fi

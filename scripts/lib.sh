@@ -40,7 +40,7 @@ die() {
 # load_env [FILE]: export the settings of FILE (default .env) that the
 # environment does not set yet. The grammar is python-dotenv's, which the
 # services use, narrowed so that this function, the Vagrantfile's read_env and
-# the services read every line alike (README, "Settings"); a line outside it
+# the services read every line alike (docs/operations.md, "Settings"); a line outside it
 # stops with its number rather than be read another way.
 load_env() {
   local file="${1:-$REPO_DIR/.env}" line number=0 name

@@ -18,10 +18,10 @@ apt_install iproute2
 apt_install shellcheck
 apt_install vagrant
 apt_install vagrant-libvirt
-apt_install ruby  # the Vagrantfile's .env reader, tests/test_env_grammar.py
-apt_install chromium  # tests/test_docs_browser.py: /docs in a real browser
+apt_install ruby  # the Vagrantfile's .env reader, tests/unit/test_env_grammar.py
+apt_install chromium  # tests/stack/test_docs_browser.py: /docs in a real browser
 apt_install chromium-driver
-# The three Debian hosts of tests/test_hosts.py (scripts/hosts.sh).
+# The three Debian hosts of tests/hosts/test_hosts.py (scripts/hosts.sh).
 apt_install debootstrap
 apt_install systemd-container
 apt_install nftables

@@ -136,7 +136,7 @@ def test_each_stored_order_is_logged_on_its_own_line(billing, queue):
 
 def test_billing_loads_one_openssl(billing, queue):
     # pika needs Python's ssl; psycopg must share its OpenSSL (system libpq)
-    # rather than bring psycopg-binary's second copy (see BENCHMARKS.md).
+    # rather than bring psycopg-binary's second copy (bench/HISTORY.md, "Memory").
     helpers.publish_raw(queue, [order(1)])
     billing.start()
     helpers.wait_for(lambda: helpers.count_orders() == 1, what="the order")

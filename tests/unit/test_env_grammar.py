@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 BASH_READER = r"""
 set -euo pipefail
@@ -42,7 +42,7 @@ source.scan(/^def read_env\w*\b.*?^end$/m).each { |method| eval(method) }
 read_env(ARGV[1]).each { |name, value| print name, "\0", value, "\0" }
 """
 
-# The tricky cases the README's grammar names, one per line.
+# The tricky cases the grammar in docs/operations.md names, one per line.
 SAMPLE = (
     "# a comment line\n"
     "\n"

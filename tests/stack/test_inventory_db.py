@@ -1,13 +1,13 @@
 """Inventory's named queries straight through libpq: inventory.run and its parts.
 
-Issue 17 replaced psycopg's cursor with to_statement ($1..$n by first
-appearance), statements prepared on first use (again after SQLSTATE 26000),
+Inventory runs its queries without psycopg's cursor: to_statement ($1..$n by
+first appearance), statements prepared on first use (again after SQLSTATE 26000),
 errors mapped as psycopg maps them and values read as int or bytes. These tests
 check each part on its own, against movies_test as the service's role, through
 HTTP, and with the table locked while an inventory starts.
 
-Pages (d42c680): a search or a limited list starts with a page of at most
-SMALL_PAGE_BYTES on the rows pool, then goes on on the page pool; a plain list
+Pages: a limited list starts with a page of at most SMALL_PAGE_BYTES on the
+rows pool (a search, on the search pool), then goes on on the page pool; a plain list
 is on the page pool throughout. Tests check the answers against SQL around that
 switch (through HTTP), and with spies which pool and budget each page used. The
 last test is an expected failure: the body of a search past its first page is

@@ -1,4 +1,4 @@
-"""Billing never crashes, never loops and never stores an order twice (issue 13).
+"""Billing never crashes, never loops and never stores an order twice.
 
 Property tests of the parser (any bytes, any JSON value), the ack bookkeeping,
 database errors that are not the message's fault, a message that kills billing

@@ -15,7 +15,7 @@ from test_shared_blocks import shared_blocks
 import billing
 import gateway
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Clock:

@@ -1,5 +1,5 @@
-"""The README's commands, pasted by a user with sudo rights: sudo where root is
-needed, and each block says where it runs (the host, or inside a VM)."""
+"""The commands of the README and docs/, pasted by a user with sudo rights: sudo
+where root is needed, and each block says where it runs (the host, or a VM)."""
 
 import re
 import shlex
@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def documents_text():
+    """Every document a reader pastes commands from, one after the other."""
+    return "\n\n".join(path.read_text() for path in DOCUMENTS)
+
 
 # Programs that only work as root here: root's PM2, the databases' superuser,
 # the broker, the project's scripts, the packages.
@@ -53,10 +59,16 @@ def simple_commands(line):
     return [w for w in [*found, words] if w]
 
 
+# The unit tier reads nothing of root's: its owner runs it without sudo.
+UNIT_TIER = ["venv/dev/bin/python", "-m", "pytest", "tests/unit"]
+
+
 def needs_root(words):
     """Whether a simple command (assignments skipped) needs root."""
     while words and re.fullmatch(r"\w+=.*", words[0]):
         words = words[1:]
+    if words[:4] == UNIT_TIER:
+        return False
     return bool(words) and (
         words[0] in ROOT_PROGRAMS or any(ROOT_ARGUMENT.search(w) for w in words)
     )
@@ -89,6 +101,8 @@ def problems(line):
         ("X=1 venv/gateway/bin/python gateway.py", True),
         ('id="$(echo "$a" | sed -n p)"; sudo grep "$id" logs/x.log', False),
         ("curl -i $G/api/movies/ | head", False),
+        ("venv/dev/bin/python -m pytest tests/unit", False),
+        ("venv/dev/bin/python -m pytest tests/stack", True),
     ],
 )
 def test_the_checker_finds_a_missing_sudo(line, bad):
@@ -96,7 +110,7 @@ def test_the_checker_finds_a_missing_sudo(line, bad):
 
 
 def test_every_readme_command_has_sudo_where_it_needs_root():
-    lines = [c for _, block in sh_blocks(README.read_text()) for c in commands(block)]
+    lines = [c for _, block in sh_blocks(documents_text()) for c in commands(block)]
     assert len(lines) > 40  # the blocks were found
     found = [f"{line}: {p}" for line in lines for p in problems(line)]
     assert not found, "\n".join(found)
@@ -104,7 +118,23 @@ def test_every_readme_command_has_sudo_where_it_needs_root():
 
 def test_every_readme_block_says_where_it_runs():
     unsaid = []
-    for before, block in sh_blocks(README.read_text()):
+    for path in DOCUMENTS:
+        unsaid += blocks_unsaid(path.read_text())
+    assert not unsaid, "where do these run?\n" + "\n".join(unsaid)
+
+
+def test_the_readme_is_short_and_starts_with_its_commands():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    first_screen = "\n".join(text.splitlines()[:60])
+    assert "sudo ./scripts/up.sh" in first_screen
+    assert "sudo ./scripts/test.sh" in first_screen
+
+
+def blocks_unsaid(text):
+    """The sh blocks of text that say nowhere where they run."""
+    unsaid = []
+    for before, block in sh_blocks(text):
         lines = commands(block)
         if all(line.startswith("vagrant ssh ") for line in lines):
             continue
@@ -112,7 +142,7 @@ def test_every_readme_block_says_where_it_runs():
         lead = before.strip().rsplit("\n\n", 1)[-1]
         if not WHERE.search(lead + block):
             unsaid.append(block)
-    assert not unsaid, "where do these run?\n" + "\n".join(unsaid)
+    return unsaid
 
 
 def test_up_sh_hints_have_sudo_where_they_need_root():

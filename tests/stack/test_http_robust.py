@@ -1,7 +1,6 @@
 """HTTP parsing of gateway and inventory: what a careless or hostile client sends.
 
-Regression tests for issue 13 (findings 1, 4, 5, 6, 7, 12 and 13): huge numbers
-in an order, Expect: 100-continue, absurd or ambiguous framing, HTTP/1.0
+Regression tests for what an outside review found: huge numbers in an order, Expect: 100-continue, absurd or ambiguous framing, HTTP/1.0
 clients, header volume and requests in flight at SIGTERM. What both servers
 must do alike is written once and run against each (the `server` fixture).
 """

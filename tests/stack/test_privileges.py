@@ -1,6 +1,6 @@
 """Least privilege on the one-machine stack of ./scripts/up.sh.
 
-The same rules as on the VMs (tests/test_hosts.py checks those): each PM2 app
+The same rules as on the VMs (tests/hosts/test_hosts.py checks those): each PM2 app
 runs as its own system user, which can write nothing in the repository; .env
 and the logs are readable by root and the group movie-shop only; the two
 RabbitMQ users can do only their job; the database roles own only their own
@@ -20,7 +20,7 @@ import pika
 import pytest
 from dotenv import dotenv_values
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**dotenv_values(ROOT / ".env"), **os.environ}
 LOG_DIR = ROOT / "logs"
 SERVICE_GROUP = "movie-shop"

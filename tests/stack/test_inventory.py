@@ -44,7 +44,7 @@ def test_create_and_get(inventory, clean_movies):
 
 
 def test_inventory_loads_one_openssl(inventory, clean_movies):
-    # Python's ssl is kept out: libpq's OpenSSL is the only one (BENCHMARKS.md).
+    # Python's ssl is kept out: libpq's OpenSSL is the only one (bench/HISTORY.md, "Memory").
     create(inventory.url, "t")  # the pool has logged in
     files = helpers.mapped_files(inventory.proc.pid)
     assert len([f for f in files if "/libcrypto" in f]) == 1, files

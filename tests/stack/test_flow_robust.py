@@ -1,6 +1,6 @@
 """Lists that cannot exhaust memory or the pool; a publisher that cannot die.
 
-Issue 13, findings 8 to 11: a page of huge movies took hundreds of MiB; four
+What an outside review found: a page of huge movies took hundreds of MiB; four
 clients that do not read held every database connection; an exception while
 connecting ended the publisher thread for good (and each reconnect leaked
 descriptors); a queue deleted under a running gateway was never declared again.

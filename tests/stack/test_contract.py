@@ -33,7 +33,7 @@ import pytest
 import yaml
 from openapi_spec_validator import validate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "openapi.yaml"
 COLLECTION = ROOT / "postman" / "movie-shop.postman_collection.json"
 LOCAL_ENV = ROOT / "postman" / "local.postman_environment.json"

@@ -1,4 +1,4 @@
-"""The reviewer's checklist (shared AUDIT.md, steps 3-16) replayed on this machine.
+"""The reviewer's audit checklist (steps 3-16) replayed on this machine.
 
 Runs against the stack that ./scripts/up.sh starts: the gateway on 127.0.0.1,
 inventory_app, billing_app and api_gateway under root's PM2, and the real
@@ -22,7 +22,7 @@ import helpers
 import pytest
 from dotenv import dotenv_values
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**dotenv_values(ROOT / ".env"), **os.environ}
 GATEWAY = f"http://127.0.0.1:{ENV.get('GATEWAY_PORT', '3000')}"
 MOVIES_DB = ENV.get("INVENTORY_DB_NAME", "movies_db")

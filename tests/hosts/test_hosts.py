@@ -26,7 +26,7 @@ import helpers
 import pytest
 from dotenv import dotenv_values
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HOSTS = ROOT / "scripts" / "hosts.sh"
 # The VMs get .env and vm.env, exactly as the Vagrantfile reads them (the
 # environment of this test does not change what they see).
@@ -323,7 +323,7 @@ def test_hosts_get_the_environment_vagrant_passes():
 
 
 def test_audit_across_three_hosts(three_hosts):
-    """AUDIT.md steps 6-16 and 8 (newman), against 192.168.56.10 and on the VMs."""
+    """The audit's steps 6-16 and 8 (newman), against 192.168.56.10 and on the VMs."""
 
     def step(text):
         figure(f"audit: {text}")

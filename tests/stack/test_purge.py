@@ -18,7 +18,7 @@ from pathlib import Path
 import helpers
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONF = "*/main/conf.d/50-movie-shop.conf"
 NOBODY = pwd.getpwnam("nobody")
 NAMES = {

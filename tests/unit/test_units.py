@@ -12,7 +12,7 @@ import billing
 import gateway
 import inventory
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_queries_load_by_name():

@@ -1,4 +1,4 @@
-"""How a request thread hands an order to the publisher thread and waits (#17).
+"""How a request thread hands an order to the publisher thread and waits.
 
 The order goes into an outbox; one ioloop wake-up publishes every order that
 came meanwhile; the request waits on a one-lock latch; the log line is written
@@ -11,15 +11,12 @@ import logging
 import threading
 import time
 import types
-import uuid
 
-import helpers
 import pika
 import pytest
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
-from pika.adapters.utils.io_services_utils import _AsyncTransportBase
 
 import gateway
 
@@ -147,7 +144,7 @@ def test_one_wake_up_publishes_every_order_handed_over(count):
         assert sorted(o.properties.message_id for o in sent) == sorted(
             f"m{i}" for i in range(count)
         )
-        assert publisher._outbox == [] and not publisher._woken
+        assert not publisher._outbox.items and not publisher._outbox.woken
         for outgoing in sent:
             outgoing.future.set_result(None)
         for thread, box in calls:
@@ -168,7 +165,7 @@ def test_orders_stranded_by_a_lost_ioloop_fail_and_the_next_one_wakes_anew(
     calls = start_publishes(publisher, 3)
     wait_outbox(publisher, 3)
     ioloop.callbacks.clear()  # the ioloop went away before running its wake-up
-    publisher._clear_outbox("connection lost")
+    publisher._outbox.clear("connection lost")
     for thread, box in calls:
         thread.join(5)
         assert box == [503]  # answered at once, not after PUBLISH_TIMEOUT
@@ -195,7 +192,7 @@ def test_a_new_connection_fails_what_the_last_ioloop_never_published(monkeypatch
     for thread, box in calls:
         thread.join(5)
         assert box == [503]
-    assert sent == [] and publisher._outbox == [] and not publisher._woken
+    assert sent == [] and not publisher._outbox.items and not publisher._outbox.woken
 
 
 class Reconnecting:
@@ -221,7 +218,7 @@ class Reconnecting:
 
     def reconnect(self):
         self.publisher.ready.clear()
-        self.publisher._clear_outbox("connection lost")
+        self.publisher._outbox.clear("connection lost")
         self.__dict__["current"] = self.new_conn
         self.publisher.ready.set()
 
@@ -276,73 +273,3 @@ def test_each_confirmed_order_gets_its_line_with_its_request_id(caplog):
     ]  # not the nacked one, which was not stored
     assert len(caplog.records) == 1  # one call for the ack's four orders
     assert isinstance(outgoing[1].future.exception(0), ConnectionError)
-
-
-# --- One write per wake-up, on a real connection ---
-
-
-@pytest.fixture(scope="module")
-def live_publisher():
-    """A Publisher on the local RabbitMQ, publishing to a queue of its own."""
-    queue = f"test_batch_{uuid.uuid4().hex[:8]}"
-    publisher = gateway.Publisher(helpers.rabbit_params(), queue)
-    publisher.start()
-    helpers.wait_for(publisher.ready.is_set, timeout=15, what="the publisher")
-    yield publisher, queue
-    publisher.stop()
-    helpers.delete_queues(queue)
-
-
-def publish_in_one_wake_up(publisher, bodies):
-    """Hold the ioloop until every body is in the outbox, then let it run;
-    the sizes of the socket writes it made meanwhile."""
-    blocked, gate = threading.Event(), threading.Event()
-    publisher._session.conn.ioloop.add_callback_threadsafe(
-        lambda: (blocked.set(), gate.wait(10))
-    )
-    assert blocked.wait(10)
-    writes = []
-    real = _AsyncTransportBase._sigint_safe_send
-
-    def counting(sock, data):
-        if data[0] != 8:  # not a heartbeat frame, which may come at any time
-            writes.append(len(data))
-        return real(sock, data)
-
-    calls = []
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(
-            _AsyncTransportBase, "_sigint_safe_send", staticmethod(counting)
-        )
-        for i, body in enumerate(bodies):
-            box = []
-
-            def call(i=i, body=body, box=box):
-                try:
-                    publisher.publish(body, f"b{i}", f"r{i}")
-                    box.append("ok")
-                except gateway.ApiError as exc:
-                    box.append(exc.status)
-
-            calls.append((threading.Thread(target=call), box))
-            calls[-1][0].start()
-        wait_outbox(publisher, len(bodies))
-        gate.set()
-        for thread, box in calls:
-            thread.join(10)
-            assert box == ["ok"]
-    return writes
-
-
-@settings(max_examples=15, deadline=None)
-@given(st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=10))
-def test_orders_of_one_wake_up_go_out_in_one_write_and_arrive_whole(
-    live_publisher, bodies
-):
-    publisher, queue = live_publisher
-    writes = publish_in_one_wake_up(publisher, bodies)
-    # pika sends each of a message's three frames (method, header, body) in
-    # a system call of its own: here one write carries them all.
-    assert len(writes) == 1, writes
-    got = sorted((p.message_id, body) for p, body in helpers.drain_queue(queue))
-    assert got == sorted((f"b{i}", body) for i, body in enumerate(bodies))

@@ -16,6 +16,7 @@ from helpers_core import gateway_env
 from helpers_core import inventory_env
 from helpers_core import mapped_files
 from helpers_core import rabbit_env
+from helpers_core import shared_block
 from helpers_core import wait_for
 from helpers_faults import ANSWER_WITHIN
 from helpers_faults import CLIENT_ERRORS
@@ -85,6 +86,7 @@ __all__ = [
     "rabbit_params",
     "recreate_database",
     "rows",
+    "shared_block",
     "start_gateway",
     "stored_users",
     "timed_call",

@@ -8,6 +8,7 @@ free port, so they can run beside ./scripts/up.sh.
 """
 
 import http.client
+import importlib.util
 import json
 import os
 import signal
@@ -173,3 +174,14 @@ def wait_for(predicate, timeout=20, *, interval=0.1, what="condition"):
             return value
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def shared_block(text, name):
+    """The text of shared block name in a service's source (scripts/shared_blocks.py)."""
+    spec = importlib.util.spec_from_file_location(
+        "shared_blocks", ROOT / "scripts" / "shared_blocks.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    start, end = tool.blocks(text)[name][1]
+    return text[start:end]

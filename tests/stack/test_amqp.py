@@ -10,7 +10,6 @@ from pathlib import Path
 import helpers
 import pika
 import pytest
-from test_shared_blocks import shared_blocks
 
 import billing
 import gateway
@@ -79,7 +78,7 @@ def copies_outside_the_services(root):
         except (UnicodeDecodeError, OSError):
             continue
         if path.name in ("gateway.py", "billing.py") and len(parts) == 1:
-            text = text.replace(shared_blocks(text)["amqp"][1], "")
+            text = text.replace(helpers.shared_block(text, "amqp"), "")
         if NEEDLE in text:
             found.append(str(path.relative_to(root)))
     return found

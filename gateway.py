@@ -529,8 +529,8 @@ class Upstream:
     def __init__(self, host: str, port: int, timeout: float, size: int) -> None:
         self.host, self.port, self.timeout, self.size = host, port, timeout, size
         self._idle: collections.deque[tuple[_Link, float]] = collections.deque()
-        self._idle_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(size)
+        self._in_use = 0  # connections lent to requests, at most size
+        self._cond = threading.Condition(threading.Lock())  # _idle and _in_use
 
     def _connect(self) -> _Link:
         """Open a new connection; raise ApiError 502 when inventory is down."""
@@ -547,9 +547,20 @@ class Upstream:
         return _Link(sock)
 
     def _take(self) -> _Link | None:
-        """The most recent idle connection, or None; close those too old."""
-        stale = []
-        with self._idle_lock:
+        """Take a place, then the most recent idle connection, or None for a new
+        one; close those too old. 503 if no place frees up within the timeout."""
+        stale, deadline = [], 0.0
+        with self._cond:
+            while self._in_use >= self.size:
+                deadline = deadline or time.monotonic() + self.timeout
+                if not self._cond.wait(deadline - time.monotonic()):
+                    log.warning("inventory busy: all %d connections in use", self.size)
+                    raise ApiError(
+                        HTTPStatus.SERVICE_UNAVAILABLE,
+                        "inventory busy, try again",
+                        {"Retry-After": "1"},
+                    )
+            self._in_use += 1
             now = time.monotonic()
             while self._idle and now - self._idle[0][1] >= UPSTREAM_IDLE:
                 stale.append(self._idle.popleft()[0])
@@ -563,22 +574,16 @@ class Upstream:
     ) -> Answer:
         """Send one request; return (status, headers, body or its chunks)."""
         data = write_request(method, path, f"{self.host}:{self.port}", headers, body)
-        if not self._slots.acquire(timeout=self.timeout):
-            log.warning("inventory busy: all %d connections in use", self.size)
-            raise ApiError(
-                HTTPStatus.SERVICE_UNAVAILABLE,
-                "inventory busy, try again",
-                {"Retry-After": "1"},
-            )
+        conn = self._take()
         try:
-            return self._send(method, data)
+            return self._send(conn, method, data)
         except BaseException:
-            self._slots.release()
+            self._free()
             raise
 
-    def _send(self, method: str, data: bytes) -> Answer:
-        """request() once it holds a slot, which _release gives back."""
-        conn = self._take()
+    def _send(self, conn: _Link | None, method: str, data: bytes) -> Answer:
+        """request() once it holds a place (conn: an idle connection, or None),
+        which _release gives back."""
         if conn is not None:
             try:
                 return self._exchange(conn, method, data)
@@ -617,13 +622,20 @@ class Upstream:
         return Answer(status, fields, body)
 
     def _release(self, conn: _Link, keep: bool) -> None:
-        """Keep conn for the next request, unless it is to be closed; free its slot."""
-        if keep:
-            with self._idle_lock:
-                self._idle.append((conn, time.monotonic()))
-        else:
+        """Keep conn for the next request, unless it is to be closed; free its place."""
+        if not keep:
             conn.close()
-        self._slots.release()
+        with self._cond:
+            if keep:
+                self._idle.append((conn, time.monotonic()))
+            self._in_use -= 1
+            self._cond.notify()
+
+    def _free(self) -> None:
+        """Give back the place of a request that failed (its connection closed)."""
+        with self._cond:
+            self._in_use -= 1
+            self._cond.notify()
 
 
 class _Relay:
@@ -1263,7 +1275,8 @@ def proxy_movies(req: Request, upstream: Upstream) -> Response:
     if req.method in ("POST", "PUT") or req.length:
         body = req.read_body(MAX_PROXY_BODY)
     # Every line, in order: two lines of one name are not the last one's alone.
-    drop = hop_by_hop(req.headers.items(), HOP_BY_HOP)
+    named = "connection" in req.headers  # rare: most requests send none
+    drop = hop_by_hop(req.headers.items(), HOP_BY_HOP) if named else HOP_BY_HOP
     headers = [(k, v) for k, v in req.headers.items() if k.lower() not in drop]
     headers += [("X-Forwarded-For", req.client[0]), ("X-Request-Id", req.request_id)]
     status, upstream_headers, data = upstream.request(

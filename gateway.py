@@ -911,9 +911,11 @@ class _Session:
         self.conn: Any = None  # the connection being served, or None
         self.confirms = _Confirms(queue)
         self._check_only = False  # the broker refused to let us declare queues
+        self.blocked = False  # by a resource alarm (on_blocked)
 
     def connect(self, params: pika.ConnectionParameters, ioloop: IOLoop) -> None:
         """Start opening a connection (Publisher._serve); on_connection_open follows."""
+        self.blocked = False
         self.conn = _BatchingConnection(
             params,
             on_open_callback=self.on_connection_open,
@@ -930,7 +932,24 @@ class _Session:
 
     def on_connection_open(self, conn: Any) -> None:
         """pika: the connection is open; open a channel, on_channel_open follows."""
+        conn.add_on_connection_blocked_callback(self.on_blocked)
+        conn.add_on_connection_unblocked_callback(self.on_unblocked)
         conn.channel(on_open_callback=self.on_channel_open)
+
+    def on_blocked(self, conn: Any, frame: Any) -> None:
+        """pika: a resource alarm (disk, memory) blocks publishing: take no
+        orders (503 at once) until on_unblocked; the connection is kept."""
+        self.blocked = True
+        self.ready.clear()
+        self.problem = f"blocked by RabbitMQ: {frame.method.reason}"
+        log.warning("RabbitMQ %s", self.problem)
+
+    def on_unblocked(self, conn: Any, frame: Any) -> None:
+        """pika: the alarm is over: take orders again, if the channel is ready."""
+        log.info("RabbitMQ unblocked publishing")
+        self.blocked = False
+        if self.confirms.channel is not None:
+            self.ready.set()
 
     def on_connection_open_error(self, conn: Any, error: Exception) -> None:
         """pika: the connection could not be opened; Publisher._run backs off."""
@@ -988,7 +1007,7 @@ class _Session:
     def on_queue_declareok(self, frame: Any, channel: Any) -> None:
         """pika: both queues exist: take orders, send the returned ones once more."""
         self.confirms.channel = channel
-        if not self.ready.is_set():
+        if not self.ready.is_set() and not self.blocked:
             self.ready.set()
             log.info("publishing to queue %s", self.queue)
         self.confirms.resend()
@@ -2194,7 +2213,9 @@ def main() -> None:
     config = load_config("gateway", REQUIRED)
     setup_logging("gateway", os.environ.get("LOG_LEVEL", "INFO"))
     logging.getLogger("pika").setLevel(logging.CRITICAL)
-    params = connection_parameters(config, "gateway", blocked_connection_timeout=10)
+    # No blocked_connection_timeout: a connection blocked by an alarm is kept,
+    # orders get 503 meanwhile (on_blocked), and flow again once it ends.
+    params = connection_parameters(config, "gateway")
     publisher = Publisher(params, config["RABBITMQ_QUEUE"])
     publisher.start()
     # Inventory admits as many connections from this address: never more.

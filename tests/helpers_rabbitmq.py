@@ -99,9 +99,12 @@ def publish_raw(queue, bodies, message_ids=None, declare=True):
     conn.close()
 
 
-def rabbit(action):
-    """stop_app or start_app RabbitMQ; a start waits until it takes connections."""
-    subprocess.run(["rabbitmqctl", "-q", action], check=True, capture_output=True)
+def rabbit(action, *args):
+    """rabbitmqctl action (stop_app, start_app, set_disk_free_limit N...); a
+    start waits until RabbitMQ takes connections."""
+    subprocess.run(
+        ["rabbitmqctl", "-q", action, *args], check=True, capture_output=True
+    )
     if action == "start_app":
         wait_for(_rabbit_accepts, timeout=30, what="RabbitMQ to accept connections")
 

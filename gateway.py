@@ -89,6 +89,11 @@ ACCESS_LEVEL = logging.DEBUG
 SERVER_VERSION = "gateway/1.0"
 QUEUE_STATE_AGE = 1.0  # seconds /health reuses its reading of the billing queue
 QUEUE_STATE_WAIT = 1.0  # seconds /health waits for RabbitMQ to tell it
+NO_ANSWER = "RabbitMQ did not answer in time"
+# /health asks inventory's /health on connections of its own, with this
+# timeout: a hung inventory shows at once, not after INVENTORY_TIMEOUT.
+HEALTH_TIMEOUT = 2.0
+HEALTH_CONNECTIONS = 2
 HOP_BY_HOP = {
     "connection",
     "keep-alive",
@@ -1072,7 +1077,7 @@ class _QueueProbe:
             )
             return future.result(timeout=QUEUE_STATE_WAIT)
         except concurrent.futures.TimeoutError:
-            return "RabbitMQ did not answer in time"
+            return NO_ANSWER
         except (OSError, AMQPError) as exc:
             return str(exc)
 
@@ -1345,9 +1350,11 @@ def health(req: Request | None, upstream: Upstream, publisher: Publisher) -> Res
     except ApiError as exc:
         report["inventory"] = exc.message
     problem = publisher.status()
+    state = publisher.queue_state()
+    if problem is None and state == NO_ANSWER:
+        problem = NO_ANSWER  # connected, but hung or cut off: orders would wait
     if problem is not None:
         report["rabbitmq"] = problem
-    state = publisher.queue_state()
     if isinstance(state, str):
         report["billing"] = f"unknown: {state}"
     else:
@@ -1389,11 +1396,12 @@ def get_docs_asset(req: Request, name: str) -> Response:
     return Response(HTTPStatus.OK, path.read_bytes(), {"Content-Type": ctype})
 
 
-def build_routes(upstream: Upstream, publisher: Publisher) -> Router:
-    """The route table, each handler given what it needs."""
+def build_routes(upstream: Upstream, publisher: Publisher, probe: Upstream) -> Router:
+    """The route table, each handler given what it needs (probe: /health's
+    connections to inventory)."""
     proxy = functools.partial(proxy_movies, upstream=upstream)
     order = functools.partial(post_billing, publisher=publisher)
-    check = functools.partial(health, upstream=upstream, publisher=publisher)
+    check = functools.partial(health, upstream=probe, publisher=publisher)
     return Router(
         [
             ("*", r"/api/movies(/.*)?", proxy),
@@ -2218,15 +2226,22 @@ def main() -> None:
     params = connection_parameters(config, "gateway")
     publisher = Publisher(params, config["RABBITMQ_QUEUE"])
     publisher.start()
-    # Inventory admits as many connections from this address: never more.
+    # Inventory admits as many connections from this address: never more, with
+    # the HEALTH_CONNECTIONS of /health.
     per_client = int_setting("MAX_CONNECTIONS_PER_CLIENT", CONNECTIONS_PER_CLIENT)
     upstream = Upstream(
         config["INVENTORY_HOST"],
         int(config["INVENTORY_PORT"]),
         float(config["INVENTORY_TIMEOUT"]),
-        per_client,
+        max(1, per_client - HEALTH_CONNECTIONS),
     )
-    routes = build_routes(upstream, publisher)
+    probe = Upstream(
+        config["INVENTORY_HOST"],
+        int(config["INVENTORY_PORT"]),
+        HEALTH_TIMEOUT,
+        HEALTH_CONNECTIONS,
+    )
+    routes = build_routes(upstream, publisher, probe)
     server = bind_or_exit(Server, "GATEWAY", config, routes)
     server.per_client = per_client
     host, port = server.server_address[:2]

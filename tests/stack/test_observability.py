@@ -10,7 +10,9 @@
 """
 
 import concurrent.futures
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -409,4 +411,43 @@ def test_message_id_is_logged_with_its_request(gateway):
             "ord-77" in x and message_id in x for x in gateway.tail(300).splitlines()
         ),
         what="the gateway's order line",
+    )
+
+
+def timed_health(gateway):
+    """(status, body, seconds) of the gateway's /health."""
+    start = time.monotonic()
+    status, _, body = helpers.call(gateway.url, "GET", "/health")
+    return status, body, time.monotonic() - start
+
+
+def test_health_shows_a_hung_inventory_within_seconds(procs, inventory, queue):
+    """inventory stopped (SIGSTOP: it accepts, never answers): /health says so
+    within HEALTH_TIMEOUT, not after the 10 s a movie request may take."""
+    gateway = helpers.start_gateway(procs, inventory.port, queue)
+    os.kill(inventory.proc.pid, signal.SIGSTOP)
+    try:
+        status, body, took = timed_health(gateway)
+    finally:
+        os.kill(inventory.proc.pid, signal.SIGCONT)
+    assert status == 503 and "timed out" in body["inventory"], body
+    assert took < gateway_module.HEALTH_TIMEOUT + 1, took
+    helpers.wait_for(lambda: timed_health(gateway)[0] == 200, what="/health 200 again")
+
+
+def test_health_shows_a_hung_rabbitmq(procs, inventory, queue):
+    """RabbitMQ's Erlang VM stopped (SIGSTOP): its connection stays open, orders
+    time out, and /health says RabbitMQ does not answer (503), not "ok"."""
+    gateway = helpers.start_gateway(procs, inventory.port, queue)
+    beam = int(subprocess.check_output(["pgrep", "-o", "-x", "beam.smp"]))
+    os.kill(beam, signal.SIGSTOP)
+    try:
+        time.sleep(gateway_module.QUEUE_STATE_AGE)  # the last reading is stale
+        status, body, took = timed_health(gateway)
+    finally:
+        os.kill(beam, signal.SIGCONT)
+    assert status == 503 and "did not answer" in body["rabbitmq"], body
+    assert took < gateway_module.QUEUE_STATE_WAIT + 1, took
+    helpers.wait_for(
+        lambda: timed_health(gateway)[0] == 200, timeout=30, what="/health 200 again"
     )

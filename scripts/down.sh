@@ -130,10 +130,16 @@ purge_rabbitmq() {
   fi
 }
 
-# purge_logrotate: the logs' rotation rules (where systemd runs).
+# purge_logrotate: the logs' rotation rules, and the services' restart drop-ins
+# (where systemd runs).
 purge_logrotate() {
+  local unit
   restore_file /etc/logrotate.d/movie-shop /etc/systemd/system/logrotate.timer.d/movie-shop.conf
   rmdir /etc/systemd/system/logrotate.timer.d 2>/dev/null || true
+  for unit in postgresql@ rabbitmq-server; do
+    restore_file "/etc/systemd/system/$unit.service.d/movie-shop.conf"
+    rmdir "/etc/systemd/system/$unit.service.d" 2>/dev/null || true
+  done
   if is_systemd; then
     systemctl daemon-reload
   fi

@@ -226,6 +226,7 @@ ensure_postgres() {
       "# Managed by scripts/lib.sh: PostgreSQL is only reached from its own VM." \
       "listen_addresses = 'localhost'" || true
   done
+  restart_on_failure postgresql@.service
   cluster="$(psql_admin -At -c "SHOW listen_addresses")"
   if [[ ! "$cluster" =~ ^(localhost|127\.0\.0\.1|::1)([[:space:]]*,[[:space:]]*(localhost|127\.0\.0\.1|::1))*$ ]]; then
     if is_systemd; then
@@ -235,6 +236,19 @@ ensure_postgres() {
     else
       log "warning: postgresql listens on '$cluster'; restart it to apply localhost only"
     fi
+  fi
+}
+
+# restart_on_failure UNIT: systemd brings UNIT back RESTART_SEC after it dies
+# (a crash, a SIGKILL); a clean stop stays a stop. Debian's postgresql@ has no
+# restart at all, and rabbitmq-server's waits 10 s.
+RESTART_SEC=2
+restart_on_failure() {
+  is_systemd || return 0
+  if write_file "/etc/systemd/system/$1.d/movie-shop.conf" \
+    "# Managed by scripts/lib.sh: back ${RESTART_SEC} s after a crash." \
+    "[Service]" "Restart=on-failure" "RestartSec=$RESTART_SEC"; then
+    systemctl daemon-reload
   fi
 }
 
@@ -361,6 +375,7 @@ ensure_rabbitmq() {
       log "warning: restart RabbitMQ to apply /etc/rabbitmq/rabbitmq.conf"
     fi
   fi
+  restart_on_failure rabbitmq-server.service
   start_rabbitmq
   if ! is_loopback "$RABBITMQ_HOST"; then
     listeners="$(rabbitmq-diagnostics -q listeners)"

@@ -18,44 +18,36 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import helpers
 import pytest
-from dotenv import dotenv_values
-
-ROOT = Path(__file__).resolve().parents[2]
-HOSTS = ROOT / "scripts" / "hosts.sh"
-# The VMs get .env and vm.env, exactly as the Vagrantfile reads them (the
-# environment of this test does not change what they see).
-VM_ENV = {**dotenv_values(ROOT / ".env"), **dotenv_values(ROOT / "vm.env")}
-GATEWAY_VM, INVENTORY_VM, BILLING_VM = "gateway-vm", "inventory-vm", "billing-vm"
-GATEWAY_IP = VM_ENV["GATEWAY_HOST"]
-INVENTORY_IP = VM_ENV["INVENTORY_HOST"]
-BILLING_IP = VM_ENV["BILLING_HOST"]
-GATEWAY = f"http://{GATEWAY_IP}:{VM_ENV['GATEWAY_PORT']}"
-# This machine on the hosts' bridge: the reviewer's computer.
-BRIDGE_IP = GATEWAY_IP.rsplit(".", 1)[0] + ".1"
-MOVIES_DB = VM_ENV["INVENTORY_DB_NAME"]
-BILLING_DB = VM_ENV["BILLING_DB_NAME"]
-APP_OF = {
-    GATEWAY_VM: "api_gateway",
-    INVENTORY_VM: "inventory_app",
-    BILLING_VM: "billing_app",
-}
-NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
-COLLECTION = ROOT / "postman" / "movie-shop.postman_collection.json"
-VAGRANT_ENV = ROOT / "postman" / "vagrant.postman_environment.json"
-HEALTHY = {"status": "ok", "inventory": "ok", "rabbitmq": "ok"}
-
-
-def gateway_healthy():
-    """True when the gateway's /health is 200 with HEALTHY's verdicts."""
-    status, body = request("GET", "/health")
-    return status == 200 and {k: (body or {}).get(k) for k in HEALTHY} == HEALTHY
-
+from helpers_hosts import APP_OF
+from helpers_hosts import BILLING_DB
+from helpers_hosts import BILLING_IP
+from helpers_hosts import BILLING_VM
+from helpers_hosts import BRIDGE_IP
+from helpers_hosts import COLLECTION
+from helpers_hosts import GATEWAY
+from helpers_hosts import GATEWAY_IP
+from helpers_hosts import GATEWAY_VM
+from helpers_hosts import HEALTHY
+from helpers_hosts import INVENTORY_IP
+from helpers_hosts import INVENTORY_VM
+from helpers_hosts import IP_OF
+from helpers_hosts import MOVIES_DB
+from helpers_hosts import NEWMAN
+from helpers_hosts import ROOT
+from helpers_hosts import VAGRANT_ENV
+from helpers_hosts import VM_ENV
+from helpers_hosts import figure
+from helpers_hosts import gateway_healthy
+from helpers_hosts import hosts
+from helpers_hosts import on
+from helpers_hosts import order
+from helpers_hosts import orders_of
+from helpers_hosts import pm2_apps
+from helpers_hosts import psql
+from helpers_hosts import request
 
 # What may listen on each host: (address, port, process). A new listener, or a
 # service on another address, fails the test.
@@ -88,105 +80,7 @@ SERVICE_USER = {
 }
 SERVICE_GROUP = "movie-shop"
 
-FIGURES = []
-
-
-def figure(text):
-    """Keep one line for the summary printed at the end of the run."""
-    FIGURES.append(text)
-
-
-class _Summary:
-    """Prints the figures in pytest's terminal summary, so CI's log shows them."""
-
-    def pytest_terminal_summary(self, terminalreporter):
-        if FIGURES:
-            terminalreporter.section("three hosts")
-            for line in FIGURES:
-                terminalreporter.write_line(line)
-
-
 # --- Helpers ---
-
-
-def hosts(*args, timeout=120, stdin=None):
-    """Run scripts/hosts.sh; return the completed process."""
-    return subprocess.run(
-        [str(HOSTS), *args],
-        cwd=ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def on(name, *cmd, timeout=60, stdin=None, check=True):
-    """Run cmd as root inside host name; return its standard output."""
-    proc = hosts("exec", name, "--", *cmd, timeout=timeout, stdin=stdin)
-    if check:
-        assert proc.returncode == 0, f"{name}: {cmd} failed: {proc.stdout}{proc.stderr}"
-    return proc.stdout
-
-
-def psql(name, db, query):
-    """Rows of query, run as the audit does: sudo -i -u postgres psql on the host."""
-    out = on(
-        name, "sudo", "-i", "-u", "postgres", "psql", "-X", "-At", "-d", db, "-c", query
-    )
-    return [line.split("|") for line in out.splitlines() if line]
-
-
-def pm2_apps(name):
-    """{app: (status, pid, restarts)} from root's PM2 on host name."""
-    out = on(name, "sudo", "pm2", "jlist")
-    listing = json.loads(out[out.index("[") :])
-    return {
-        app["name"]: (
-            app["pm2_env"]["status"],
-            app.get("pid"),
-            app["pm2_env"]["restart_time"],
-        )
-        for app in listing
-    }
-
-
-def request(method, path, body=None, timeout=15):
-    """Call the gateway from the bridge's address; return (status, JSON body or None)."""
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(GATEWAY + path, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    try:
-        return status, json.loads(raw) if raw else None
-    except ValueError:
-        return status, raw
-
-
-def orders_of(user_ids):
-    """{user_id: number of rows} in billing_db on billing-vm for these users."""
-    ids = ",".join(str(int(u)) for u in user_ids)
-    rows = psql(
-        BILLING_VM,
-        BILLING_DB,
-        f"SELECT user_id, count(*) FROM orders WHERE user_id IN ({ids}) GROUP BY 1",
-    )
-    return {int(user): int(count) for user, count in rows}
-
-
-def order(user_id, items="1", total="1"):
-    """Post one order through the gateway; return the status (None when cut)."""
-    body = {"user_id": str(user_id), "number_of_items": items, "total_amount": total}
-    try:
-        return request("POST", "/api/billing/", body, timeout=20)[0]
-    except OSError:
-        return None
 
 
 def listeners(name):
@@ -234,56 +128,6 @@ class Poster(threading.Thread):
         self.stopping.set()
         self.join(30)
         return self.results
-
-
-# --- Fixtures ---
-
-
-@pytest.fixture(scope="module")
-def three_hosts(pytestconfig):
-    """The three hosts, up and provisioned from nothing; taken down afterwards."""
-    pytestconfig.pluginmanager.register(_Summary(), "three-hosts-summary")
-    check = hosts("check")
-    if check.returncode == 3:
-        pytest.skip(check.stdout.strip())
-    assert check.returncode == 0, check.stdout + check.stderr
-    hosts("down", timeout=300)  # leftovers of an earlier run that was killed
-    ip_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
-    start = time.monotonic()
-    try:
-        up = hosts("up", timeout=600)
-        figure(f"hosts.sh up: {time.monotonic() - start:.0f} s in all")
-        for line in up.stdout.splitlines():
-            if line.startswith("==> timing: "):
-                figure("  " + line.removeprefix("==> timing: "))
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-        layers = subprocess.run(
-            "du -scm /var/lib/movie-shop/hosts/*/upper | tail -n 1",
-            shell=True,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.split()
-        figure(
-            f"  disk used by the three host layers: {layers[0] if layers else '?'} MiB"
-        )
-        helpers.wait_for(
-            gateway_healthy,
-            60,
-            interval=0.5,
-            what="the gateway's /health to answer 200",
-        )
-        yield
-    finally:
-        start = time.monotonic()
-        down = hosts("down", timeout=300)
-        figure(f"hosts.sh down: {time.monotonic() - start:.0f} s")
-        assert down.returncode == 0, down.stdout + down.stderr
-        assert not Path("/var/lib/movie-shop/hosts").exists()
-        assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == ip_forward
-        for cmd in (["ip", "-o", "link"], ["ip", "netns"], ["nft", "list", "tables"]):
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            assert not re.search(r"movieshop|movie-shop|movie_shop", out.stdout), out
 
 
 # --- One environment for Vagrant and the hosts ---
@@ -509,7 +353,6 @@ REACHABLE = {
     (INVENTORY_VM, INVENTORY_VM, VM_ENV["INVENTORY_PORT"]),
     (BILLING_VM, BILLING_VM, VM_ENV["RABBITMQ_PORT"]),
 }
-IP_OF = {GATEWAY_VM: GATEWAY_IP, INVENTORY_VM: INVENTORY_IP, BILLING_VM: BILLING_IP}
 
 PROBE = """
 for target in "$@"; do
@@ -937,11 +780,18 @@ FIREWALL = (
     " /etc/movie-shop/firewall.nft /etc/systemd/system/movie-shop-firewall.service;"
     " nft list ruleset"
 )
+RESTART = {
+    unit: f" /etc/systemd/system/{unit}.service.d/movie-shop.conf"
+    for unit in ("postgresql@", "rabbitmq-server")
+}
 MANAGED_FILES = {
     INVENTORY_VM: "cat /etc/postgresql/*/main/pg_hba.conf /etc/postgresql/*/main/conf.d/*"
-    " /etc/systemd/system/pm2-root.service" + FIREWALL,
+    " /etc/systemd/system/pm2-root.service" + RESTART["postgresql@"] + FIREWALL,
     BILLING_VM: "cat /etc/postgresql/*/main/pg_hba.conf /etc/postgresql/*/main/conf.d/*"
-    " /etc/rabbitmq/rabbitmq.conf /etc/systemd/system/pm2-root.service" + FIREWALL,
+    " /etc/rabbitmq/rabbitmq.conf /etc/systemd/system/pm2-root.service"
+    + RESTART["postgresql@"]
+    + RESTART["rabbitmq-server"]
+    + FIREWALL,
     GATEWAY_VM: "cat /etc/systemd/system/pm2-root.service" + FIREWALL,
 }
 
@@ -984,6 +834,8 @@ PURGED = [
     f"! test -e {VM_ENV['LOG_DIR']}",
     "! test -e /etc/logrotate.d/movie-shop",
     "! test -e /etc/systemd/system/logrotate.timer.d/movie-shop.conf",
+    "! test -e /etc/systemd/system/postgresql@.service.d/movie-shop.conf",
+    "! test -e /etc/systemd/system/rabbitmq-server.service.d/movie-shop.conf",
     "! grep -q 'Managed by scripts' /etc/rabbitmq/rabbitmq.conf",
     "! grep -q movie-shop /etc/postgresql/*/main/pg_hba.conf",
     "! ls /etc/postgresql/*/main/conf.d/50-movie-shop.conf",

@@ -1,0 +1,167 @@
+"""Test helpers for the three Debian hosts of scripts/hosts.sh: running
+commands on them, calling the gateway from the reviewer's address, and the
+figures printed in the "three hosts" section at the end of the run."""
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTS = ROOT / "scripts" / "hosts.sh"
+# The VMs get .env and vm.env, exactly as the Vagrantfile reads them (the
+# environment of this test does not change what they see).
+VM_ENV = {**dotenv_values(ROOT / ".env"), **dotenv_values(ROOT / "vm.env")}
+GATEWAY_VM, INVENTORY_VM, BILLING_VM = "gateway-vm", "inventory-vm", "billing-vm"
+GATEWAY_IP = VM_ENV["GATEWAY_HOST"]
+INVENTORY_IP = VM_ENV["INVENTORY_HOST"]
+BILLING_IP = VM_ENV["BILLING_HOST"]
+GATEWAY = f"http://{GATEWAY_IP}:{VM_ENV['GATEWAY_PORT']}"
+# This machine on the hosts' bridge: the reviewer's computer.
+BRIDGE_IP = GATEWAY_IP.rsplit(".", 1)[0] + ".1"
+MOVIES_DB = VM_ENV["INVENTORY_DB_NAME"]
+BILLING_DB = VM_ENV["BILLING_DB_NAME"]
+APP_OF = {
+    GATEWAY_VM: "api_gateway",
+    INVENTORY_VM: "inventory_app",
+    BILLING_VM: "billing_app",
+}
+IP_OF = {GATEWAY_VM: GATEWAY_IP, INVENTORY_VM: INVENTORY_IP, BILLING_VM: BILLING_IP}
+NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
+COLLECTION = ROOT / "postman" / "movie-shop.postman_collection.json"
+VAGRANT_ENV = ROOT / "postman" / "vagrant.postman_environment.json"
+HEALTHY = {"status": "ok", "inventory": "ok", "rabbitmq": "ok"}
+
+
+def gateway_healthy():
+    """True when the gateway's /health is 200 with HEALTHY's verdicts."""
+    status, body = request("GET", "/health")
+    return status == 200 and {k: (body or {}).get(k) for k in HEALTHY} == HEALTHY
+
+
+FIGURES = []
+FAULT_ROWS = []  # one dict per fault, for the table (tests/hosts/test_hosts_faults.py)
+
+
+def figure(text):
+    """Keep one line for the summary printed at the end of the run."""
+    FIGURES.append(text)
+
+
+class Summary:
+    """Prints the figures in pytest's terminal summary, so CI's log shows them."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if FIGURES:
+            terminalreporter.section("three hosts")
+            for line in FIGURES:
+                terminalreporter.write_line(line)
+        if FAULT_ROWS:
+            terminalreporter.section("faults between hosts")
+            for line in table(FAULT_ROWS):
+                terminalreporter.write_line(line)
+
+
+def table(rows):
+    """Lines of a Markdown table of dicts with the same keys."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += [
+        "| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows
+    ]
+    return lines
+
+
+def hosts(*args, timeout=120, stdin=None):
+    """Run scripts/hosts.sh; return the completed process."""
+    return subprocess.run(
+        [str(HOSTS), *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def on(name, *cmd, timeout=60, stdin=None, check=True):
+    """Run cmd as root inside host name; return its standard output."""
+    proc = hosts("exec", name, "--", *cmd, timeout=timeout, stdin=stdin)
+    if check:
+        assert proc.returncode == 0, f"{name}: {cmd} failed: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def succeeds(name, *cmd, timeout=60):
+    """Whether cmd exits 0 inside host name."""
+    return hosts("exec", name, "--", *cmd, timeout=timeout).returncode == 0
+
+
+def psql(name, db, query):
+    """Rows of query, run as the audit does: sudo -i -u postgres psql on the host."""
+    out = on(
+        name, "sudo", "-i", "-u", "postgres", "psql", "-X", "-At", "-d", db, "-c", query
+    )
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def pm2_apps(name):
+    """{app: (status, pid, restarts)} from root's PM2 on host name."""
+    out = on(name, "sudo", "pm2", "jlist")
+    listing = json.loads(out[out.index("[") :])
+    return {
+        app["name"]: (
+            app["pm2_env"]["status"],
+            app.get("pid"),
+            app["pm2_env"]["restart_time"],
+        )
+        for app in listing
+    }
+
+
+def request(method, path, body=None, timeout=15):
+    """Call the gateway from the bridge's address; return (status, JSON body or None)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(GATEWAY + path, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw
+
+
+def queue_depth():
+    """Messages in billing_queue on billing-vm, ready or delivered and unacked."""
+    out = on(BILLING_VM, "rabbitmqctl", "-q", "list_queues", "name", "messages")
+    counts = dict(line.split() for line in out.splitlines() if line.strip())
+    return int(counts.get(VM_ENV["RABBITMQ_QUEUE"], 0))
+
+
+def orders_of(user_ids):
+    """{user_id: number of rows} in billing_db on billing-vm for these users."""
+    ids = ",".join(str(int(u)) for u in user_ids)
+    rows = psql(
+        BILLING_VM,
+        BILLING_DB,
+        f"SELECT user_id, count(*) FROM orders WHERE user_id IN ({ids}) GROUP BY 1",
+    )
+    return {int(user): int(count) for user, count in rows}
+
+
+def order(user_id, items="1", total="1"):
+    """Post one order through the gateway; return the status (None when cut)."""
+    body = {"user_id": str(user_id), "number_of_items": items, "total_amount": total}
+    try:
+        return request("POST", "/api/billing/", body, timeout=20)[0]
+    except OSError:
+        return None

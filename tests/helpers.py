@@ -24,6 +24,7 @@ from helpers_faults import MIB
 from helpers_faults import REQUEST_TIMEOUT
 from helpers_faults import Client
 from helpers_faults import Posters
+from helpers_faults import TcpProxy
 from helpers_faults import figure
 from helpers_faults import order
 from helpers_faults import start_gateway
@@ -61,6 +62,7 @@ __all__ = [
     "Client",
     "Posters",
     "Service",
+    "TcpProxy",
     "_pg_accepts",
     "_rabbit_accepts",
     "admin_connect",

@@ -2,9 +2,12 @@
 outages, and the figures each test prints."""
 
 import collections
+import contextlib
 import http.client
 import itertools
 import json
+import socket
+import struct
 import threading
 import time
 
@@ -132,6 +135,58 @@ class Posters:
         statuses = collections.Counter(s for _, s, _, _ in self.results)
         slowest = max(d for _, _, d, _ in self.results)
         return ok, other, statuses, slowest
+
+
+class TcpProxy:
+    """A stand-in for a node: forwards connections made to (address, port) to
+    target. outbound holds the local ports of its own connections to target
+    (as the broker sees them); close() resets every connection it carries."""
+
+    def __init__(self, address, port, target):
+        self.target, self.accepted, self.outbound = target, 0, set()
+        self._server = socket.create_server((address, port))
+        self._open = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(self.target, 3)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self.accepted += 1
+                self.outbound.add(upstream.getsockname()[1])
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        """Stop listening, and reset each connection (SO_LINGER 0): a node gone."""
+        self._server.close()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    sock.close()
+            self._open.clear()
 
 
 def wait_stored(ok_users, low, high, timeout=60):

@@ -92,7 +92,7 @@ class Partition(Fault):
 
     def __init__(self, a, b, one_way=False):
         self.a, self.b, self.one_way = a, b, one_way
-        arrow = "->" if one_way else "|"
+        arrow = "->" if one_way else "<->"
         self.name = f"partition {a} {arrow} {b}" + (" dropped" if one_way else "")
 
     def start(self):

@@ -7,6 +7,7 @@ It stops RabbitMQ: run no other test suite meanwhile
 """
 
 import shutil
+import subprocess
 import time
 
 import helpers
@@ -100,4 +101,77 @@ def test_disk_alarm_refuses_orders_at_once_and_health_says_so(
         refused_while_blocked_s=f"{took:.2f}",
         health=health["rabbitmq"],
         caught_in_the_block_stored=stored.get(3_000_001, 0),
+    )
+
+
+def connections_through(proxy):
+    """RabbitMQ's ids of the connections that came in through proxy."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [
+        pid
+        for pid, port in (line.split() for line in out.splitlines() if line.strip())
+        if port.isdigit() and int(port) in proxy.outbound
+    ]
+
+
+def test_gateway_and_billing_move_to_the_next_node(procs, inventory, queue, orders_db):
+    """With RABBITMQ_HOSTS, each reconnection goes to the next node: past one
+    that refuses, away from one that closes the connection as on shutdown
+    (320 CONNECTION_FORCED) and from one that vanishes (TCP reset). Orders
+    flow throughout, each one answered 200 stored once."""
+    # Three "nodes" on 127.0.0.2-4, port 5672: two proxies to this machine's
+    # RabbitMQ, and one address where nothing listens.
+    nodes = [
+        helpers.TcpProxy(f"127.0.0.{n}", 5672, ("127.0.0.1", 5672)) for n in (2, 3)
+    ]
+    hosts = {"RABBITMQ_HOSTS": "127.0.0.4, 127.0.0.2,127.0.0.3"}
+    try:
+        procs("billing", {**helpers.billing_env(queue), **hosts})
+        port = helpers.free_port()
+        env = {**helpers.gateway_env(port, inventory.port, queue), **hosts}
+        gateway = procs("gateway", env, port)
+        helpers.wait_for(
+            lambda: helpers.call(gateway.url, "GET", "/health")[0] == 200,
+            what="the gateway on the second node",
+        )
+        helpers.wait_for(
+            lambda: nodes[0].accepted == 2, what="billing and the gateway on node 2"
+        )
+        assert nodes[1].accepted == 0
+        posters = helpers.Posters(gateway.port, threads=4, first_user=4_000_000).start()
+        try:
+            time.sleep(1)
+            for pid in connections_through(nodes[0]):
+                helpers.rabbit("close_connection", pid, "node shutting down")
+            helpers.wait_for(
+                lambda: nodes[1].accepted == 2, what="both on the third node"
+            )
+            moved = time.monotonic()
+            helpers.wait_for(lambda: posters.ok_since(moved) >= 20, what="orders again")
+            nodes[1].close()  # gone: past the node that refuses, back to the second
+            helpers.wait_for(lambda: nodes[0].accepted == 4, what="both on the second")
+            moved = time.monotonic()
+            helpers.wait_for(lambda: posters.ok_since(moved) >= 20, what="orders again")
+        finally:
+            posters.stop()
+    finally:
+        for node in nodes:
+            node.close()
+    ok, _, statuses, slowest = posters.summary()
+    assert set(statuses) <= {200, 503}, statuses
+    assert slowest < helpers.ANSWER_WITHIN, slowest
+    counts = helpers.wait_stored(ok, posters.first_user, posters.last_user)
+    assert all(n == 1 for n in counts.values())
+    helpers.figure(
+        "rabbit_next_node",
+        posted=len(posters.results),
+        ok=len(ok),
+        unavailable=statuses[503],
+        duplicated=sum(n - 1 for n in counts.values()),
+        max_latency_s=f"{slowest:.2f}",
     )

@@ -11,7 +11,8 @@ the parser is dead-lettered instead of killing billing a second time.
 Settings (environment, then .env beside this file): BILLING_DB_HOST,
 BILLING_DB_PORT, BILLING_DB_SSLMODE, BILLING_DB_NAME, BILLING_DB_USER,
 BILLING_DB_PASSWORD, RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_BILLING_USER,
-RABBITMQ_BILLING_PASSWORD, RABBITMQ_QUEUE; optional LOG_LEVEL (INFO).
+RABBITMQ_BILLING_PASSWORD, RABBITMQ_QUEUE; optional LOG_LEVEL (INFO),
+RABBITMQ_HOSTS (a cluster's nodes, tried in turn).
 
 Each order is logged with its message_id (the gateway's X-Message-Id) when it
 is stored (INFO, stdout) or dead-lettered (WARNING, stderr).
@@ -202,22 +203,45 @@ def queue_arguments(queue: str) -> dict[str, str]:
 
 def connection_parameters(
     config: dict[str, str], service: str, **extra: Any
-) -> pika.ConnectionParameters:
-    """pika's settings for the service's RabbitMQ user, read from its config."""
+) -> list[pika.ConnectionParameters]:
+    """pika's settings for the service's RabbitMQ user, one per node: those of
+    RABBITMQ_HOSTS (comma-separated) if it is set, else RABBITMQ_HOST."""
     prefix = f"RABBITMQ_{service.upper()}"
-    return pika.ConnectionParameters(
-        host=config["RABBITMQ_HOST"],
-        port=int(config["RABBITMQ_PORT"]),
-        credentials=pika.PlainCredentials(
-            config[f"{prefix}_USER"], config[f"{prefix}_PASSWORD"]
-        ),
-        heartbeat=30,
-        socket_timeout=3,
-        stack_timeout=STACK_TIMEOUT,
-        connection_attempts=1,
-        client_properties={"connection_name": service},
-        **extra,
-    )
+    hosts = os.environ.get("RABBITMQ_HOSTS") or config["RABBITMQ_HOST"]
+    return [
+        pika.ConnectionParameters(
+            host=host.strip(),
+            port=int(config["RABBITMQ_PORT"]),
+            credentials=pika.PlainCredentials(
+                config[f"{prefix}_USER"], config[f"{prefix}_PASSWORD"]
+            ),
+            heartbeat=30,
+            socket_timeout=3,
+            stack_timeout=STACK_TIMEOUT,
+            connection_attempts=1,
+            client_properties={"connection_name": service},
+            **extra,
+        )
+        for host in hosts.split(",")
+        if host.strip()
+    ]
+
+
+class Nodes:
+    """RabbitMQ's nodes, taken in turn: each connection attempt goes to the
+    next, so a node that went away (or shut down) is not the one tried again."""
+
+    def __init__(
+        self, params: pika.ConnectionParameters | list[pika.ConnectionParameters]
+    ) -> None:
+        self.params = params if isinstance(params, list) else [params]
+        self._turn = 0
+
+    def take(self) -> pika.ConnectionParameters:
+        """The next node's settings."""
+        params = self.params[self._turn % len(self.params)]
+        self._turn += 1
+        return params
 
 
 class Backoff:
@@ -565,9 +589,12 @@ class Consumer:
     """
 
     def __init__(
-        self, params: pika.ConnectionParameters, queue: str, conninfo: str
+        self,
+        params: pika.ConnectionParameters | list[pika.ConnectionParameters],
+        queue: str,
+        conninfo: str,
     ) -> None:
-        self.params, self.queue = params, queue
+        self.nodes, self.queue = Nodes(params), queue
         self.stopping = False
         self._conn: Any = None  # the connection being consumed from, or None
         self._store = _Store(conninfo, self.sleep)
@@ -587,7 +614,7 @@ class Consumer:
         while not self.stopping:
             backoff.start()
             try:
-                self._consume(pika.BlockingConnection(self.params))
+                self._consume(pika.BlockingConnection(self.nodes.take()))
             except (AMQPError, OSError) as exc:
                 delay = backoff.failed()
                 log.warning("RabbitMQ unavailable (%s); retrying in %.1fs", exc, delay)

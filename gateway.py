@@ -11,7 +11,7 @@ Routes (a trailing slash is accepted on each):
 Settings (environment, then .env beside this file): GATEWAY_HOST, GATEWAY_PORT,
 INVENTORY_HOST, INVENTORY_PORT, INVENTORY_TIMEOUT, RABBITMQ_HOST, RABBITMQ_PORT,
 RABBITMQ_GATEWAY_USER, RABBITMQ_GATEWAY_PASSWORD, RABBITMQ_QUEUE; optional
-LOG_LEVEL (INFO).
+LOG_LEVEL (INFO), RABBITMQ_HOSTS (a cluster's nodes, tried in turn).
 
 Every answer carries an X-Request-Id (the client's, if sane), also sent to
 inventory and written in the access line (LOG_LEVEL=DEBUG). POST /api/billing
@@ -281,22 +281,45 @@ def queue_arguments(queue: str) -> dict[str, str]:
 
 def connection_parameters(
     config: dict[str, str], service: str, **extra: Any
-) -> pika.ConnectionParameters:
-    """pika's settings for the service's RabbitMQ user, read from its config."""
+) -> list[pika.ConnectionParameters]:
+    """pika's settings for the service's RabbitMQ user, one per node: those of
+    RABBITMQ_HOSTS (comma-separated) if it is set, else RABBITMQ_HOST."""
     prefix = f"RABBITMQ_{service.upper()}"
-    return pika.ConnectionParameters(
-        host=config["RABBITMQ_HOST"],
-        port=int(config["RABBITMQ_PORT"]),
-        credentials=pika.PlainCredentials(
-            config[f"{prefix}_USER"], config[f"{prefix}_PASSWORD"]
-        ),
-        heartbeat=30,
-        socket_timeout=3,
-        stack_timeout=STACK_TIMEOUT,
-        connection_attempts=1,
-        client_properties={"connection_name": service},
-        **extra,
-    )
+    hosts = os.environ.get("RABBITMQ_HOSTS") or config["RABBITMQ_HOST"]
+    return [
+        pika.ConnectionParameters(
+            host=host.strip(),
+            port=int(config["RABBITMQ_PORT"]),
+            credentials=pika.PlainCredentials(
+                config[f"{prefix}_USER"], config[f"{prefix}_PASSWORD"]
+            ),
+            heartbeat=30,
+            socket_timeout=3,
+            stack_timeout=STACK_TIMEOUT,
+            connection_attempts=1,
+            client_properties={"connection_name": service},
+            **extra,
+        )
+        for host in hosts.split(",")
+        if host.strip()
+    ]
+
+
+class Nodes:
+    """RabbitMQ's nodes, taken in turn: each connection attempt goes to the
+    next, so a node that went away (or shut down) is not the one tried again."""
+
+    def __init__(
+        self, params: pika.ConnectionParameters | list[pika.ConnectionParameters]
+    ) -> None:
+        self.params = params if isinstance(params, list) else [params]
+        self._turn = 0
+
+    def take(self) -> pika.ConnectionParameters:
+        """The next node's settings."""
+        params = self.params[self._turn % len(self.params)]
+        self._turn += 1
+        return params
 
 
 class Backoff:
@@ -1177,8 +1200,12 @@ class Publisher:
     the queue's reading for /health; the block above says who holds what.
     """
 
-    def __init__(self, params: pika.ConnectionParameters, queue: str) -> None:
-        self.params, self.queue = params, queue
+    def __init__(
+        self,
+        params: pika.ConnectionParameters | list[pika.ConnectionParameters],
+        queue: str,
+    ) -> None:
+        self.nodes, self.queue = Nodes(params), queue
         self._session = _Session(queue)
         self.ready = self._session.ready
         self._probe = _QueueProbe(self._session)
@@ -1282,7 +1309,7 @@ class Publisher:
             ioloop = self._ioloop = IOLoop()
         self._outbox.clear("connection lost")  # handed to the last ioloop, late
         try:
-            self._session.connect(self.params, ioloop)
+            self._session.connect(self.nodes.take(), ioloop)
             ioloop.start()
         finally:
             with self._lock:

@@ -568,14 +568,16 @@ class _Store:
         """Insert the rows in one transaction (_insert), connecting if need be."""
         if self._db is None:
             self._db = psycopg.connect(self.conninfo)
+        message_ids = [r[3] for r in rows]
         with self._db.transaction():
+            self._db.execute(QUERIES["lock_message_ids"], {"message_ids": message_ids})
             (stored,) = self._db.execute(
                 QUERIES["insert_orders"],
                 {
                     "user_ids": [r[0] for r in rows],
                     "numbers_of_items": [r[1] for r in rows],
                     "total_amounts": [r[2] for r in rows],
-                    "message_ids": [r[3] for r in rows],
+                    "message_ids": message_ids,
                 },
             ).fetchone() or (None,)
         if stored:

@@ -21,3 +21,14 @@ SELECT string_agg(
     || coalesce(to_json(message_id)::text, 'null'),
     E'\n' ORDER BY id)
 FROM stored;
+
+-- name: lock_message_ids
+-- Before insert_orders, in its transaction: one transaction-level lock per
+-- message_id, taken in one order for every consumer (by the id's hash), so two
+-- consumers storing the same messages wait for each other, never in a cycle.
+SELECT count(pg_advisory_xact_lock(hash))
+FROM (
+    SELECT DISTINCT hashtextextended(message_id, 0) AS hash
+    FROM unnest(%(message_ids)s::text[]) AS message_id
+    ORDER BY hash
+) AS ordered;

@@ -11,11 +11,13 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from decimal import Decimal
 
 import helpers
+import psycopg
 import pytest
 from hypothesis import HealthCheck
 from hypothesis import given
@@ -220,6 +222,47 @@ def test_whatever_billing_accepts_postgresql_stores(billing_db, text, message_id
                 "message_ids": [message_id],
             },
         )
+
+
+def test_two_consumers_storing_the_same_orders_never_deadlock(orders_db):
+    """Two billing hosts may hold the same messages at once (a redelivery after
+    a connection dropped mid-batch), each batch in its own order: the rows are
+    locked in one global order, so neither waits on the other in a cycle."""
+    conninfo = psycopg.conninfo.make_conninfo(
+        host="127.0.0.1",
+        dbname=orders_db,
+        user=helpers.ENV["BILLING_DB_USER"],
+        password=helpers.ENV["BILLING_DB_PASSWORD"],
+    )
+    stores = [billing._Store(conninfo, lambda _: False) for _ in range(2)]
+    errors = []
+    for attempt in range(20):
+        batch = [(1, 1, Decimal("1.00"), f"lock-{attempt}-{i:04}") for i in range(500)]
+        random.Random(attempt).shuffle(batch)
+        start = threading.Barrier(2)
+
+        def store(rows, store, start=start):
+            start.wait()
+            try:
+                store._commit(rows)
+            except psycopg.Error as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=store, args=(rows, s))
+            for rows, s in zip((batch, batch[::-1]), stores, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for s in stores:
+        s.close()
+    assert errors == []
+    count = helpers.rows(
+        orders_db, "SELECT count(DISTINCT message_id), count(*) FROM orders"
+    )
+    assert count == [(20 * 500, 20 * 500)]
 
 
 # --- Services ---

@@ -11,7 +11,8 @@ Routes (a trailing slash is accepted on each):
 Settings (environment, then .env beside this file): GATEWAY_HOST, GATEWAY_PORT,
 INVENTORY_HOST, INVENTORY_PORT, INVENTORY_TIMEOUT, RABBITMQ_HOST, RABBITMQ_PORT,
 RABBITMQ_GATEWAY_USER, RABBITMQ_GATEWAY_PASSWORD, RABBITMQ_QUEUE; optional
-LOG_LEVEL (INFO), RABBITMQ_HOSTS (a cluster's nodes, tried in turn).
+LOG_LEVEL (INFO), RABBITMQ_HOSTS (a cluster's nodes, tried in turn),
+INVENTORY_HOSTS (several inventories on INVENTORY_PORT, taken in turn).
 
 Every answer carries an X-Request-Id (the client's, if sane), also sent to
 inventory and written in the access line (LOG_LEVEL=DEBUG). POST /api/billing
@@ -37,6 +38,7 @@ import functools
 import hashlib
 import http.client
 import io
+import itertools
 import json
 import logging
 import os
@@ -545,6 +547,12 @@ class Answer(NamedTuple):
     body: bytes | Iterator[bytes]
 
 
+DOWN_FOR = 2.0  # seconds a failed inventory is left out (of several)
+CHECK_EVERY = 1.0  # seconds between two checks of each inventory (of several)
+CONNECT_TIMEOUT = 3.0  # seconds to open a connection to inventory, at most
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})  # RFC 9110
+
+
 class Upstream:
     """Keep-alive HTTP connections to inventory, shared by request threads.
 
@@ -563,10 +571,11 @@ class Upstream:
     def _connect(self) -> _Link:
         """Open a new connection; raise ApiError 502 when inventory is down."""
         try:
-            sock = socket.create_connection((self.host, self.port), self.timeout)
+            address = (self.host, self.port)
+            sock = socket.create_connection(address, min(self.timeout, CONNECT_TIMEOUT))
         except OSError as exc:
-            log.warning("inventory unreachable: %s", exc)
-            raise ApiError(HTTPStatus.BAD_GATEWAY, "inventory unreachable") from None
+            log.warning("inventory %s:%s unreachable: %s", self.host, self.port, exc)
+            raise Unreachable(HTTPStatus.BAD_GATEWAY, "inventory unreachable") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Blocking, with the kernel's timeouts: no poll() before each call.
         sock.settimeout(None)
@@ -664,6 +673,77 @@ class Upstream:
         with self._cond:
             self._in_use -= 1
             self._cond.notify()
+
+
+class Upstreams:
+    """Several inventories (INVENTORY_HOSTS), taken in turn.
+
+    One that failed (unreachable, dropped the connection, timed out) is left
+    out for DOWN_FOR seconds, then tried again. A request goes on to the next
+    only if it never reached the first (unreachable) or is IDEMPOTENT; a
+    timeout is answered at once, not waited for twice.
+    """
+
+    def __init__(self, upstreams: list[Upstream]) -> None:
+        self.upstreams = upstreams
+        self._down_until = [0.0] * len(upstreams)
+        self._turn = itertools.count()
+
+    def watch(self, probes: list[Upstream], stop: threading.Event) -> None:
+        """Check each inventory's /health every CHECK_EVERY seconds (probes: the
+        same inventories, with their own connections) until stop is set: one that
+        fails or hangs is left out, one that answers again is taken back."""
+
+        def check() -> None:
+            while not stop.wait(CHECK_EVERY):
+                for i, probe in enumerate(probes):
+                    try:
+                        up = probe.request("GET", "/health", None, []).status < 500
+                    except ApiError:
+                        up = False
+                    if not up:
+                        self._down_until[i] = time.monotonic() + DOWN_FOR
+                    elif self._down_until[i]:
+                        self._down_until[i] = 0.0
+                        log.info("inventory %s:%s is back", probe.host, probe.port)
+
+        if len(probes) > 1:
+            threading.Thread(target=check, name="inventory-check", daemon=True).start()
+
+    def request(
+        self, method: str, path: str, body: bytes | None, headers: Fields
+    ) -> Answer:
+        """Send one request to an inventory (Upstream.request), the next if it fails."""
+        count, first, now = len(self.upstreams), next(self._turn), time.monotonic()
+        turns = [(first + n) % count for n in range(count)]
+        turns.sort(key=lambda i: self._down_until[i] > now)  # stable: up ones first
+        for tried, i in enumerate(turns, 1):
+            upstream = self.upstreams[i]
+            try:
+                answer = upstream.request(method, path, body, headers)
+            except ApiError as exc:
+                if exc.status not in (
+                    HTTPStatus.BAD_GATEWAY,
+                    HTTPStatus.GATEWAY_TIMEOUT,
+                ):
+                    raise  # busy (503): that inventory is up
+                self._down_until[i] = time.monotonic() + DOWN_FOR
+                sent = not isinstance(exc, Unreachable)
+                if (
+                    tried == count
+                    or exc.status == HTTPStatus.GATEWAY_TIMEOUT
+                    or (sent and method not in IDEMPOTENT)
+                ):
+                    raise
+                log.warning(
+                    "inventory %s:%s failed: trying the next",
+                    upstream.host,
+                    upstream.port,
+                )
+                continue
+            self._down_until[i] = 0.0
+            return answer
+        raise AssertionError("unreachable")  # the loop returns or raises
 
 
 class _Relay:
@@ -940,10 +1020,12 @@ class _Session:
         self.confirms = _Confirms(queue)
         self._check_only = False  # the broker refused to let us declare queues
         self.blocked = False  # by a resource alarm (on_blocked)
+        self.node = ""  # the address of the node connected or being connected to
 
     def connect(self, params: pika.ConnectionParameters, ioloop: IOLoop) -> None:
         """Start opening a connection (Publisher._serve); on_connection_open follows."""
         self.blocked = False
+        self.node = params.host
         self.conn = _BatchingConnection(
             params,
             on_open_callback=self.on_connection_open,
@@ -1235,6 +1317,10 @@ class Publisher:
             return "publisher not running"
         return None if self.ready.is_set() else self._session.problem
 
+    def node(self) -> str | None:
+        """The address of the RabbitMQ node orders go to, or None if none."""
+        return self._session.node if self.ready.is_set() else None
+
     def queue_state(self) -> tuple[int, int] | str:
         """(consumers, ready messages) of the queue, or why it cannot be read."""
         return self._probe.state()
@@ -1320,7 +1406,7 @@ class Publisher:
 # --- Handlers ---
 
 
-def proxy_movies(req: Request, upstream: Upstream) -> Response:
+def proxy_movies(req: Request, upstream: Upstreams) -> Response:
     """Any /api/movies... request: forward to inventory, answer as it did."""
     body = None
     if req.method in ("POST", "PUT") or req.length:
@@ -1366,22 +1452,33 @@ def post_billing(req: Request, publisher: Publisher) -> Response:
     )
 
 
-def health(req: Request | None, upstream: Upstream, publisher: Publisher) -> Response:
-    """GET /health: 503 if orders or inventory fail; 200 "degraded" if billing does."""
+def health(
+    req: Request | None, probes: list[Upstream], publisher: Publisher
+) -> Response:
+    """GET /health: 503 if orders or every inventory fail; 200 "degraded" if
+    billing does or one inventory of several."""
     report: dict[str, object] = {"status": "ok", "inventory": "ok", "rabbitmq": "ok"}
     report["billing"] = "ok"
-    try:
-        status, _, _ = upstream.request("GET", "/health", None, [])
-        if status >= 500:
-            report["inventory"] = f"answers {status}"
-    except ApiError as exc:
-        report["inventory"] = exc.message
+    inventories = {}
+    for probe in probes:
+        try:
+            status, _, _ = probe.request("GET", "/health", None, [])
+            verdict = "ok" if status < 500 else f"answers {status}"
+        except ApiError as exc:
+            verdict = exc.message
+        inventories[f"{probe.host}:{probe.port}"] = verdict
+    report["inventories"] = inventories
+    if "ok" not in inventories.values():
+        report["inventory"] = next(iter(inventories.values()))
     problem = publisher.status()
     state = publisher.queue_state()
     if problem is None and state == NO_ANSWER:
         problem = NO_ANSWER  # connected, but hung or cut off: orders would wait
     if problem is not None:
         report["rabbitmq"] = problem
+    node = publisher.node()
+    if node:
+        report["rabbitmq_node"] = node
     if isinstance(state, str):
         report["billing"] = f"unknown: {state}"
     else:
@@ -1393,7 +1490,7 @@ def health(req: Request | None, upstream: Upstream, publisher: Publisher) -> Res
     if report["inventory"] != "ok" or report["rabbitmq"] != "ok":
         report["status"] = "degraded"
         return json_response(HTTPStatus.SERVICE_UNAVAILABLE, report)
-    if report["billing"] != "ok":
+    if report["billing"] != "ok" or len(set(inventories.values())) > 1:
         report["status"] = "degraded"  # orders are still taken and kept
     return json_response(HTTPStatus.OK, report)
 
@@ -1423,12 +1520,14 @@ def get_docs_asset(req: Request, name: str) -> Response:
     return Response(HTTPStatus.OK, path.read_bytes(), {"Content-Type": ctype})
 
 
-def build_routes(upstream: Upstream, publisher: Publisher, probe: Upstream) -> Router:
-    """The route table, each handler given what it needs (probe: /health's
-    connections to inventory)."""
+def build_routes(
+    upstream: Upstreams, publisher: Publisher, probes: list[Upstream]
+) -> Router:
+    """The route table, each handler given what it needs (probes: /health's
+    connections to each inventory)."""
     proxy = functools.partial(proxy_movies, upstream=upstream)
     order = functools.partial(post_billing, publisher=publisher)
-    check = functools.partial(health, upstream=probe, publisher=publisher)
+    check = functools.partial(health, probes=probes, publisher=publisher)
     return Router(
         [
             ("*", r"/api/movies(/.*)?", proxy),
@@ -2191,6 +2290,10 @@ def _reject_constant(name: str) -> None:
 # --- end of shared: http ---
 
 
+class Unreachable(ApiError):
+    """No connection to inventory could be opened: the request never left."""
+
+
 # --- Main ---
 
 
@@ -2256,24 +2359,21 @@ def main() -> None:
     # Inventory admits as many connections from this address: never more, with
     # the HEALTH_CONNECTIONS of /health.
     per_client = int_setting("MAX_CONNECTIONS_PER_CLIENT", CONNECTIONS_PER_CLIENT)
-    upstream = Upstream(
-        config["INVENTORY_HOST"],
-        int(config["INVENTORY_PORT"]),
-        float(config["INVENTORY_TIMEOUT"]),
-        max(1, per_client - HEALTH_CONNECTIONS),
-    )
-    probe = Upstream(
-        config["INVENTORY_HOST"],
-        int(config["INVENTORY_PORT"]),
-        HEALTH_TIMEOUT,
-        HEALTH_CONNECTIONS,
-    )
-    routes = build_routes(upstream, publisher, probe)
+    hosts = os.environ.get("INVENTORY_HOSTS") or config["INVENTORY_HOST"]
+    port, timeout = int(config["INVENTORY_PORT"]), float(config["INVENTORY_TIMEOUT"])
+    size = max(1, per_client - HEALTH_CONNECTIONS)
+    addresses = [host.strip() for host in hosts.split(",") if host.strip()]
+    upstream = Upstreams([Upstream(host, port, timeout, size) for host in addresses])
+    probes = [Upstream(h, port, HEALTH_TIMEOUT, HEALTH_CONNECTIONS) for h in addresses]
+    checks_stop = threading.Event()
+    upstream.watch(probes, checks_stop)
+    routes = build_routes(upstream, publisher, probes)
     server = bind_or_exit(Server, "GATEWAY", config, routes)
     server.per_client = per_client
     host, port = server.server_address[:2]
     log.info("gateway listening on http://%s:%s", host, port)
     server.serve_until_signal()
+    checks_stop.set()
     publisher.stop()
     log.info("gateway stopped")
 

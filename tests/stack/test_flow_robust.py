@@ -300,7 +300,7 @@ def test_publisher_survives_running_out_of_descriptors(monkeypatch, queue):
         helpers.wait_for(
             lambda: fault.calls >= 2, timeout=10, what="two failed attempts"
         )
-        status, body, _ = gateway.health(None, HealthyUpstream(), publisher)
+        status, body, _ = gateway.health(None, [HealthyUpstream()], publisher)
         report = json.loads(body)
         assert status == 503 and "Too many open files" in report["rabbitmq"], report
         fault.release()
@@ -309,7 +309,7 @@ def test_publisher_survives_running_out_of_descriptors(monkeypatch, queue):
         )
         publisher.publish(json.dumps(ORDER).encode(), "after-emfile")
         assert helpers.queue_depth(queue) == 1
-        assert gateway.health(None, HealthyUpstream(), publisher).status == 200
+        assert gateway.health(None, [HealthyUpstream()], publisher).status == 200
     finally:
         stop = getattr(publisher, "stop", None)
         if stop:
@@ -318,6 +318,8 @@ def test_publisher_survives_running_out_of_descriptors(monkeypatch, queue):
 
 class HealthyUpstream:
     """An inventory that always answers 200."""
+
+    host, port = "inventory", 8080
 
     def request(self, method, path, body, headers):
         return 200, [], b"[]"

@@ -311,6 +311,8 @@ def test_health_says_whether_billing_consumes(procs, queue, movies_db, billing_d
         "rabbitmq": "ok",
         "billing": "not consuming: no consumer on the queue",
         "queue": {"name": queue, "consumers": 0, "ready": 1},
+        "inventories": {f"127.0.0.1:{inventory_port}": "ok"},
+        "rabbitmq_node": "127.0.0.1",
     }
     billing = procs("billing", helpers.billing_env(queue))
     status, body = health_where(

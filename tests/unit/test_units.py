@@ -27,7 +27,7 @@ def test_queries_load_by_name():
         "delete_all_movies",
         "ping",
     }
-    assert set(billing.QUERIES) == {"insert_orders"}
+    assert set(billing.QUERIES) == {"insert_orders", "lock_message_ids"}
     assert all(
         "%(" in sql or "DELETE" in sql or name == "ping"  # ping: SELECT 1
         for name, sql in inventory.QUERIES.items()

@@ -699,3 +699,133 @@ def test_headers_a_connection_line_names_are_not_forwarded_either_way():
     assert b"X-Other: o\r\n" in sent
     assert response.headers.get("X-Kept") == "2"
     assert "X-Private" not in response.headers
+
+
+# --- Several inventories (INVENTORY_HOSTS) ---
+
+
+class FakeInventory:
+    """One inventory: answers 200, or fails as the test tells it."""
+
+    def __init__(self, name):
+        self.name, self.failure, self.sent = name, None, []
+        self.host, self.port = name, 8080
+
+    def request(self, method, path, body, headers):
+        if isinstance(self.failure, gateway.Unreachable):
+            raise self.failure  # never reached: nothing was sent
+        self.sent.append(method)
+        if self.failure is not None:
+            raise self.failure
+        return gateway.Answer(200, [("X-From", self.name)], b"{}")
+
+
+def inventories(count=2):
+    fakes = [FakeInventory(f"inv{i}") for i in range(count)]
+    return fakes, gateway.Upstreams(fakes)
+
+
+UNREACHABLE = gateway.Unreachable(502, "inventory unreachable")
+DROPPED = gateway.ApiError(502, "inventory failed")
+TIMED_OUT = gateway.ApiError(504, "inventory timed out")
+
+
+def served_by(upstreams, method="GET"):
+    return dict(upstreams.request(method, "/api/movies", None, []).fields)["X-From"]
+
+
+def test_requests_take_the_inventories_in_turn():
+    _, upstreams = inventories()
+    assert [served_by(upstreams) for _ in range(4)] == ["inv0", "inv1", "inv0", "inv1"]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE"])
+def test_an_unreachable_inventory_is_passed_over_for_any_method(method):
+    fakes, upstreams = inventories()
+    fakes[0].failure = UNREACHABLE
+    assert {served_by(upstreams, method) for _ in range(4)} == {"inv1"}
+    assert fakes[1].sent == [method] * 4
+
+
+def test_a_dead_inventory_is_left_out_then_tried_again(monkeypatch):
+    fakes, upstreams = inventories()
+    now = [1000.0]
+    monkeypatch.setattr(gateway.time, "monotonic", lambda: now[0])
+    fakes[0].failure = UNREACHABLE
+    assert served_by(upstreams) == "inv1"  # inv0 failed, marked down
+    calls = []
+    fakes[0].request = lambda *args: calls.append(args) or 1 / 0
+    assert {served_by(upstreams) for _ in range(6)} == {"inv1"}
+    assert calls == []  # not even tried while down
+    now[0] += gateway.DOWN_FOR + 0.1
+    del fakes[0].request
+    fakes[0].failure = None  # revived
+    assert {served_by(upstreams) for _ in range(4)} == {"inv0", "inv1"}
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE"])
+def test_an_idempotent_request_inventory_dropped_goes_to_the_other(method):
+    fakes, upstreams = inventories()
+    fakes[0].failure = DROPPED
+    assert served_by(upstreams, method) == "inv1"
+    assert fakes[0].sent == fakes[1].sent == [method]
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+def test_a_request_that_may_have_reached_an_inventory_is_not_sent_again(method):
+    fakes, upstreams = inventories()
+    fakes[0].failure = DROPPED
+    with pytest.raises(gateway.ApiError) as failed:
+        upstreams.request(method, "/api/movies", b"{}", [])
+    assert failed.value.status == 502
+    assert fakes[0].sent == [method] and fakes[1].sent == []
+
+
+def test_a_timeout_is_not_waited_for_twice_but_marks_the_inventory_down():
+    fakes, upstreams = inventories()
+    fakes[0].failure = TIMED_OUT
+    with pytest.raises(gateway.ApiError) as failed:
+        upstreams.request("GET", "/api/movies", None, [])
+    assert failed.value.status == 504 and fakes[1].sent == []
+    assert {served_by(upstreams) for _ in range(3)} == {"inv1"}
+
+
+def test_all_down_answers_the_last_error():
+    fakes, upstreams = inventories()
+    for fake in fakes:
+        fake.failure = UNREACHABLE
+    with pytest.raises(gateway.ApiError) as failed:
+        upstreams.request("GET", "/api/movies", None, [])
+    assert failed.value.status == 502
+    fakes[1].failure = None  # all marked down: still tried, not refused outright
+    assert served_by(upstreams) == "inv1"
+
+
+FAILURES = st.sampled_from([None, None, UNREACHABLE, DROPPED, TIMED_OUT])
+METHODS = st.sampled_from(["GET", "HEAD", "PUT", "DELETE", "POST", "PATCH"])
+
+
+@given(st.lists(st.tuples(METHODS, st.lists(FAILURES, min_size=3, max_size=3))))
+@settings(max_examples=300, deadline=None)
+def test_a_request_reaches_a_second_inventory_only_if_idempotent_or_unsent(steps):
+    fakes, upstreams = inventories(3)
+    for method, failures in steps:
+        for fake, failure in zip(fakes, failures, strict=True):
+            fake.failure, fake.sent = failure, []
+        try:
+            upstreams.request(method, "/api/movies", None, [])
+            answered = True
+        except gateway.ApiError:
+            answered = False
+        reached = sum(len(fake.sent) for fake in fakes)
+        assert all(len(fake.sent) <= 1 for fake in fakes)
+        if method not in gateway.IDEMPOTENT:
+            assert reached <= 1
+        if answered:
+            assert any(fake.failure is None and fake.sent for fake in fakes)
+        elif (
+            all(f is not None for f in failures) is False and TIMED_OUT not in failures
+        ):
+            # Some inventory would have answered: only a POST that may have
+            # reached a failing one is allowed to fail.
+            assert method not in gateway.IDEMPOTENT and reached == 1

@@ -193,12 +193,29 @@ BACKOFF_MAX = 5  # seconds between two attempts, at most
 BACKOFF_RESET = 2 * STACK_TIMEOUT  # an attempt that lasted this long had worked
 
 
-def queue_arguments(queue: str) -> dict[str, str]:
-    """The billing queue's arguments: what billing rejects goes to <queue>.dead."""
-    return {
+DELIVERY_LIMIT = 20  # deliveries of one message a quorum queue allows
+
+
+def queue_arguments(queue: str) -> dict[str, str | int]:
+    """The billing queue's arguments: what billing rejects goes to <queue>.dead.
+
+    RABBITMQ_QUEUE_TYPE=quorum (a cluster's) makes it a quorum queue, which
+    also dead-letters a message delivered DELIVERY_LIMIT times, at least once
+    (that strategy needs reject-publish); classic (the default) as before.
+    """
+    arguments: dict[str, str | int] = {
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": f"{queue}.dead",
     }
+    kind = os.environ.get("RABBITMQ_QUEUE_TYPE") or "classic"
+    if kind == "quorum":
+        arguments["x-queue-type"] = "quorum"
+        arguments["x-dead-letter-strategy"] = "at-least-once"
+        arguments["x-overflow"] = "reject-publish"
+        arguments["x-delivery-limit"] = DELIVERY_LIMIT
+    elif kind != "classic":
+        sys.exit(f"RABBITMQ_QUEUE_TYPE={kind}: use classic or quorum")
+    return arguments
 
 
 def connection_parameters(

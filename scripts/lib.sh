@@ -438,7 +438,70 @@ ensure_billing_rabbitmq() {
     '^$' '^amq\.default$' '^$'
   ensure_rabbitmq_user "$RABBITMQ_BILLING_USER" "$RABBITMQ_BILLING_PASSWORD" \
     '^$' '^$' "^$queue\$"
+  ensure_billing_queues
+}
+
+# ensure_billing_queues: the queues of RABBITMQ_QUEUE_TYPE, migrated from
+# another type if need be.
+ensure_billing_queues() {
+  migrate_billing_queue
   declare_billing_queues
+  resume_publishing
+}
+
+# migrate_billing_queue: a queue's type is chosen when it is declared, so a
+# billing_queue of another type than RABBITMQ_QUEUE_TYPE (classic by default)
+# is drained, then deleted, for declare_billing_queues to declare it anew.
+# Meanwhile a memory alarm blocks every publisher of the cluster (the gateway
+# answers 503 at once; a client retries with its Idempotency-Key) and billing,
+# which must be running, empties it. A policy refusing messages would not do:
+# a message published as the queue goes is confirmed, and lost with it.
+DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-600}"
+PAUSED_WATERMARK=""
+migrate_billing_queue() {
+  local want="${RABBITMQ_QUEUE_TYPE:-classic}" have left consumers waited=0
+  have="$(queue_field type)"
+  [[ -n "$have" && "$have" != "$want" ]] || return 0
+  log "rabbitmq: $RABBITMQ_QUEUE is a $have queue, $want wanted: blocking publishers while billing drains it"
+  pause_publishing
+  sleep 1  # what was already read from publishers reaches the queue
+  while left="$(queue_field messages)" && [[ "$left" != 0 ]]; do
+    consumers="$(queue_field consumers)"
+    if ((waited >= DRAIN_TIMEOUT)) || { [[ "$consumers" == 0 ]] && ((waited >= 60)); }; then
+      resume_publishing
+      die "rabbitmq: $RABBITMQ_QUEUE still holds $left messages ($consumers consumers) after $waited s; start billing_app and provision again"
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+  rabbitmqctl -q delete_queue --if-empty "$RABBITMQ_QUEUE" >/dev/null
+  log "rabbitmq: $RABBITMQ_QUEUE drained in $waited s and deleted; declaring it as a $want queue"
+}
+
+# queue_field FIELD: a field of billing_queue in rabbitmqctl list_queues, or nothing.
+queue_field() {
+  rabbitmqctl -q list_queues --no-table-headers name "$1" |
+    awk -F'\t' -v q="$RABBITMQ_QUEUE" '$1 == q { print $2 }'
+}
+
+# pause_publishing, resume_publishing: a memory alarm (watermark 0) blocks
+# every connection that publishes, on every node; consumers go on.
+pause_publishing() {
+  PAUSED_WATERMARK="$(rabbitmqctl -q eval 'vm_memory_monitor:get_vm_memory_high_watermark().')"
+  trap resume_publishing EXIT  # also if provisioning stops on an error
+  rabbitmqctl -q set_vm_memory_high_watermark 0 >/dev/null
+}
+
+resume_publishing() {
+  local value="$PAUSED_WATERMARK"
+  [[ -n "$value" ]] || return 0
+  if [[ "$value" =~ ^\{absolute,([0-9]+)\}$ ]]; then
+    rabbitmqctl -q set_vm_memory_high_watermark absolute "${BASH_REMATCH[1]}" >/dev/null
+  else
+    rabbitmqctl -q set_vm_memory_high_watermark "$value" >/dev/null
+  fi
+  PAUSED_WATERMARK=""
+  log "rabbitmq: publishers unblocked"
 }
 
 # declare_billing_queues: the durable queue, dead-lettering to its dead-letter

@@ -1,9 +1,11 @@
 """AMQP: one back-off rule, a publisher that stops, the queue arguments once."""
 
+import json
 import os
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -195,3 +197,108 @@ def test_stop_while_backing_off_ends_the_thread_at_once(queue):
     assert "unreachable" in publisher.status()
     publisher.stop()
     assert publisher_threads() == []
+
+
+def test_a_classic_queue_is_drained_then_declared_quorum(orders_db):
+    """The migration of a classic billing_queue to a quorum one (provisioning's
+    ensure_billing_queues) under orders: billing, consuming as on the VMs (it
+    may not declare), empties it; publishes meanwhile are refused, never
+    acknowledged and lost; afterwards billing consumes the quorum queue."""
+    queue = f"test_migrate_{uuid.uuid4().hex[:8]}"
+    user, password = f"test_consumer_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    ctl = ["rabbitmqctl", "-q"]
+    subprocess.run([*ctl, "add_user", user], input=password, text=True, check=True)
+    subprocess.run(
+        [*ctl, "set_permissions", user, "^$", "^$", f"^{queue}$"], check=True
+    )
+    first = [order_body(i) for i in range(2000)]
+    first_ids = [helpers.message_id(f"first-{i}") for i in range(2000)]
+    helpers.publish_raw(queue, first, first_ids)
+    env = helpers.billing_env(queue)
+    env |= {"RABBITMQ_BILLING_USER": user, "RABBITMQ_BILLING_PASSWORD": password}
+    consumer = helpers.Service("billing", env).start()
+    stop, acked, refused = threading.Event(), [], []
+    publisher = threading.Thread(
+        target=keep_publishing, args=(queue, stop, acked, refused)
+    )
+    publisher.start()
+    try:
+        script = 'source "$REPO_DIR/scripts/lib.sh"; ensure_billing_queues'
+        env = {
+            **os.environ,
+            "RABBITMQ_QUEUE": queue,
+            "RABBITMQ_QUEUE_TYPE": "quorum",
+            "RABBITMQ_PORT": "5672",
+            "VENV_ROOT": str(ROOT / "venv"),
+            "REPO_DIR": str(ROOT),
+        }
+        done = subprocess.run(
+            ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "drained in" in done.stdout, done.stdout
+        time.sleep(1)  # orders after the migration, too
+    finally:
+        stop.set()
+        publisher.join()
+    try:
+        listed = subprocess.run(
+            [*ctl, "list_queues", "--no-table-headers", "name", "type"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"{queue}\tquorum" in listed.splitlines()
+        assert refused and acked, (len(refused), len(acked))
+        wanted = set(first_ids) | set(acked)
+        helpers.wait_for(
+            lambda: stored_ids(orders_db) >= wanted,
+            timeout=60,
+            what="every order acknowledged to be stored",
+        )
+        rows = helpers.rows(
+            orders_db, "SELECT count(*), count(DISTINCT message_id) FROM orders"
+        )
+        assert rows[0][0] == rows[0][1]  # none twice
+        assert helpers.queue_depth(f"{queue}.dead") == 0
+    finally:
+        consumer.stop()
+        subprocess.run([*ctl, "delete_user", user], check=False)
+        helpers.delete_queues(queue)
+
+
+def order_body(i):
+    return {"user_id": i + 1, "number_of_items": 1, "total_amount": "1.00"}
+
+
+def keep_publishing(queue, stop, acked, refused):
+    """Publish orders (mandatory, confirmed) until stop: acked ids, refused ones."""
+    conn = channel = None
+    i = 0
+    while not stop.is_set():
+        if conn is None or not conn.is_open:
+            params = helpers.rabbit_params()
+            params.blocked_connection_timeout = 1  # blocked: give up, as the gateway
+            conn = pika.BlockingConnection(params)
+            channel = conn.channel()
+            channel.confirm_delivery()
+        i += 1
+        message_id = helpers.message_id(f"during-{i}")
+        props = pika.BasicProperties(delivery_mode=2, message_id=message_id)
+        try:
+            channel.basic_publish(
+                "", queue, json.dumps(order_body(i)), props, mandatory=True
+            )
+            acked.append(message_id)
+        except (pika.exceptions.NackError, pika.exceptions.UnroutableError):
+            refused.append(message_id)
+        except pika.exceptions.AMQPConnectionError:
+            refused.append(message_id)  # blocked: in doubt, as a gateway's 503
+            conn = None
+        time.sleep(0.005)
+    if conn is not None and conn.is_open:
+        conn.close()
+
+
+def stored_ids(dbname):
+    return {row[0] for row in helpers.rows(dbname, "SELECT message_id FROM orders")}

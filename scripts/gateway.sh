@@ -8,6 +8,7 @@ REPO_DIR="${REPO_DIR:-$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)}"
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$REPO_DIR/scripts/lib.sh"
 load_env "$REPO_DIR/.env"
+apply_topology
 require_env GATEWAY_HOST GATEWAY_PORT INVENTORY_HOST INVENTORY_PORT \
   RABBITMQ_HOST RABBITMQ_PORT RABBITMQ_GATEWAY_USER RABBITMQ_GATEWAY_PASSWORD RABBITMQ_QUEUE
 

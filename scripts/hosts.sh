@@ -57,7 +57,7 @@ CANNOT=3
 
 # --- The machines, from the Vagrantfile and .env ---
 
-declare -a NAMES=()
+declare -a NAMES=() ALL_NAMES=()
 declare -A HOST_IP=() HOST_SCRIPT=()
 declare -A VM_ENV=()
 declare -a VM_ENV_KEYS=()
@@ -76,18 +76,26 @@ read_env_file() {
   done <"$1"
 }
 
-# load_machines: NAMES in the Vagrantfile's order, each with its address and script.
+# load_machines: NAMES in the Vagrantfile's order, each with its address and
+# script; the cluster's hosts only with CLUSTER=1 (the environment wins over
+# .env), as in the Vagrantfile. ALL_NAMES has them all (for down).
 load_machines() {
-  local name ip_key script prefix
+  local name ip_key script flag prefix
   [[ -f "$REPO_DIR/.env" ]] || die "$REPO_DIR/.env is missing"
   read_env_file "$REPO_DIR/.env"
   read_env_file "$REPO_DIR/vm.env"
-  while read -r name ip_key script; do
+  if [[ -n "${CLUSTER:-}" ]]; then
+    VM_ENV[CLUSTER]="$CLUSTER"
+    [[ " ${VM_ENV_KEYS[*]} " == *" CLUSTER "* ]] || VM_ENV_KEYS+=(CLUSTER)
+  fi
+  while read -r name ip_key script flag; do
+    ALL_NAMES+=("$name")
+    [[ -z "$flag" || "${VM_ENV[CLUSTER]:-0}" == 1 ]] || continue
     [[ -n "${VM_ENV[$ip_key]:-}" ]] || die ".env has no $ip_key for $name"
     NAMES+=("$name")
     HOST_IP["$name"]="${VM_ENV[$ip_key]}"
     HOST_SCRIPT["$name"]="$script"
-  done < <(sed -n 's/^[[:space:]]*"\([a-z0-9-]*\)"[[:space:]]*=>[[:space:]]*{[[:space:]]*ip:[[:space:]]*ENV_FILE\["\([A-Z_]*\)"\],[[:space:]]*script:[[:space:]]*"\([a-z0-9_.-]*\)".*/\1 \2 \3/p' \
+  done < <(sed -n 's/^[[:space:]]*"\([a-z0-9-]*\)"[[:space:]]*=>[[:space:]]*{[[:space:]]*ip:[[:space:]]*ENV_FILE\["\([A-Z0-9_]*\)"\],[[:space:]]*script:[[:space:]]*"\([a-z0-9_.-]*\)"\(, cluster: true\)\{0,1\}.*/\1 \2 \3 \4/p' \
     "$REPO_DIR/Vagrantfile")
   ((${#NAMES[@]} > 0)) || die "no machines found in $REPO_DIR/Vagrantfile (MACHINES)"
   prefix="${HOST_IP[${NAMES[0]}]%.*}"
@@ -108,7 +116,8 @@ netns_name() {
 }
 
 veth_name() {
-  printf 'ms-%s\n' "${1:0:12}"
+  local name="${1/-vm/}"  # inventory-vm-2: ms-inventory-2 (at most 15 characters)
+  printf 'ms-%s\n' "${name:0:12}"
 }
 
 # --- Checks ---
@@ -606,9 +615,10 @@ cmd_up() {
 
 cmd_down() {
   local name start=$SECONDS
-  for name in "${NAMES[@]}"; do
+  for name in "${ALL_NAMES[@]}"; do
     stop_host "$name"
   done
+  NAMES=("${ALL_NAMES[@]}")  # remove_network: every host's namespace
   remove_network
   rmdir /run/systemd/nspawn/propagate /run/systemd/nspawn/locks /run/systemd/nspawn \
     "$STATE_DIR" "$(dirname "$STATE_DIR")" 2>/dev/null || true

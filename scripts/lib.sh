@@ -121,6 +121,42 @@ require_env() {
   ((${#missing[@]} == 0)) || die "missing settings (set them in .env): ${missing[*]}"
 }
 
+# --- Topology ---
+
+# is_cluster: CLUSTER=1, the topology with billing-vm-2, billing-vm-3 and inventory-vm-2.
+is_cluster() {
+  [[ "${CLUSTER:-0}" == 1 ]]
+}
+
+# apply_topology: in the cluster, what the services need to find each other:
+# the RabbitMQ nodes and inventories in turn, a quorum queue, and each
+# database on its host's private address, over TLS (Debian's PostgreSQL has a
+# certificate from its install). Nothing changes without CLUSTER=1.
+apply_topology() {
+  is_cluster || return 0
+  require_env BILLING_HOST BILLING_2_HOST BILLING_3_HOST INVENTORY_HOST INVENTORY_2_HOST \
+    RABBITMQ_ERLANG_COOKIE
+  # shellcheck disable=SC2153  # require_env just checked them
+  export RABBITMQ_HOSTS="$BILLING_HOST,$BILLING_2_HOST,$BILLING_3_HOST"
+  # shellcheck disable=SC2153
+  export INVENTORY_HOSTS="$INVENTORY_HOST,$INVENTORY_2_HOST"
+  export RABBITMQ_QUEUE_TYPE=quorum
+  export BILLING_DB_HOST="$BILLING_HOST" BILLING_DB_SSLMODE=require
+  export INVENTORY_DB_HOST="$INVENTORY_HOST" INVENTORY_DB_SSLMODE=require
+}
+
+# own_address ADDRESS...: the first ADDRESS that is one of this machine's.
+own_address() {
+  local address
+  for address in "$@"; do
+    if ip -o -4 addr show | grep -qF " inet $address/"; then
+      printf '%s\n' "$address"
+      return 0
+    fi
+  done
+  return 1
+}
+
 # require_identifier VALUE: role and database names are used unquoted in SQL.
 require_identifier() {
   [[ "$1" =~ ^[a-z_][a-z0-9_]*$ ]] || die "'$1' is not a plain lower-case SQL name"
@@ -214,27 +250,29 @@ psql_admin() {
   (cd / && runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 "$@")
 }
 
-# ensure_postgres: PostgreSQL installed, running, listening on localhost only.
+# ensure_postgres [ADDRESS]: PostgreSQL installed, running, listening on
+# localhost only, or also on ADDRESS (the cluster's private address, for its
+# other hosts; each is admitted by ensure_pg_hba, over TLS).
 ensure_postgres() {
-  local conf_dir cluster
+  local conf_dir listen="localhost${1:+,$1}" now
+  apt_install ssl-cert  # the certificate Debian's PostgreSQL serves TLS with
   apt_install postgresql
   start_postgres
-  # Debian's default is already localhost; this file makes it explicit.
   for conf_dir in /etc/postgresql/*/main/conf.d; do
     [[ -d "$conf_dir" ]] || continue
     write_file "$conf_dir/50-movie-shop.conf" \
-      "# Managed by scripts/lib.sh: PostgreSQL is only reached from its own VM." \
-      "listen_addresses = 'localhost'" || true
+      "# Managed by scripts/lib.sh: the addresses PostgreSQL listens on." \
+      "listen_addresses = '$listen'" || true
   done
   restart_on_failure postgresql@.service
-  cluster="$(psql_admin -At -c "SHOW listen_addresses")"
-  if [[ ! "$cluster" =~ ^(localhost|127\.0\.0\.1|::1)([[:space:]]*,[[:space:]]*(localhost|127\.0\.0\.1|::1))*$ ]]; then
+  now="$(psql_admin -At -c "SHOW listen_addresses")"
+  if [[ "$now" != "$listen" ]]; then
     if is_systemd; then
-      log "postgresql: restarting to listen on localhost only (was '$cluster')"
+      log "postgresql: restarting to listen on '$listen' (was '$now')"
       systemctl restart postgresql
       start_postgres
     else
-      log "warning: postgresql listens on '$cluster'; restart it to apply localhost only"
+      log "warning: postgresql listens on '$now'; restart it to apply '$listen'"
     fi
   fi
 }
@@ -314,12 +352,16 @@ SQL
   fi
 }
 
-# ensure_pg_hba ROLE DATABASE: password (scram) login for ROLE from 127.0.0.1,
-# placed before the first rule so that no broader rule shadows it.
+# ensure_pg_hba ROLE DATABASE [ADDRESS]: password (scram) login for ROLE from
+# 127.0.0.1, or over TLS from ADDRESS (another host of the cluster), placed
+# before the first rule so that no broader rule shadows it.
 ensure_pg_hba() {
   local role="$1" db="$2" hba line
   hba="$(psql_admin -At -c "SHOW hba_file")"
   line="host    $db    $role    127.0.0.1/32    scram-sha-256"
+  if [[ -n "${3:-}" ]]; then
+    line="hostssl    $db    $role    $3/32    scram-sha-256"
+  fi
   if grep -qxF "$line" "$hba"; then
     return 0
   fi
@@ -341,27 +383,60 @@ ensure_pg_hba() {
 
 # --- RabbitMQ ---
 
+# The cluster's RabbitMQ nodes, as the Vagrantfile names their hosts (the
+# host name is the node's: rabbit@billing-vm), with the settings of their addresses.
+CLUSTER_NODES=(billing-vm:BILLING_HOST billing-vm-2:BILLING_2_HOST billing-vm-3:BILLING_3_HOST)
+
 # ensure_rabbitmq: RabbitMQ installed and running; when RABBITMQ_HOST is not a
 # loopback address (the VMs) it also takes AMQP on that address, and keeps the
-# Erlang distribution port and epmd (what rabbitmqctl uses) on loopback.
+# Erlang distribution port and epmd (what rabbitmqctl uses) on loopback. In
+# the cluster, distribution and epmd are on the private address instead (the
+# firewall admits the other nodes only), the Erlang cookie comes from .env,
+# and a node that is not in the cluster joins it (ensure_rabbitmq_cluster).
 ensure_rabbitmq() {
-  local listeners node_ip changed=0
+  local listeners node_ip changed=0 cluster_conf=()
   apt_install rabbitmq-server
+  # shellcheck disable=SC2153  # billing.sh requires it
   if ! is_loopback "$RABBITMQ_HOST"; then
-    # rabbitmqctl reaches the node at its host name: Debian maps it to 127.0.1.1.
+    if is_cluster; then
+      ensure_cluster_names
+      ensure_erlang_cookie && changed=1
+      cluster_conf=(
+        "# The cluster: its nodes, found by classic peer discovery after a reset."
+        "cluster_formation.peer_discovery_backend = classic_config"
+      )
+      local i=1 node
+      for node in "${CLUSTER_NODES[@]}"; do
+        cluster_conf+=("cluster_formation.classic_config.nodes.$i = rabbit@${node%%:*}")
+        i=$((i + 1))
+      done
+      cluster_conf+=(
+        "# A node cut off from the majority stops rather than split the cluster."
+        "cluster_partition_handling = pause_minority"
+        "# The quorum queue's write-ahead log: 64 MB before a flush, not 512 (1 GiB VMs)."
+        "raft.wal_max_size_bytes = 64000000"
+      )
+    fi
+    # rabbitmqctl reaches the node at its host name: Debian maps it to 127.0.1.1;
+    # in the cluster ensure_cluster_names maps it to the private address.
     node_ip="$(getent ahostsv4 "$(hostname -s)" | awk 'NR == 1 { print $1 }')"
-    is_loopback "$node_ip" || die "$(hostname -s) resolves to '$node_ip', not a loopback address (/etc/hosts)"
+    if is_cluster; then
+      [[ "$node_ip" == "$RABBITMQ_HOST" ]] || die "$(hostname -s) resolves to '$node_ip', not $RABBITMQ_HOST (/etc/hosts)"
+    else
+      is_loopback "$node_ip" || die "$(hostname -s) resolves to '$node_ip', not a loopback address (/etc/hosts)"
+    fi
     if write_file /etc/rabbitmq/rabbitmq.conf \
       "# Managed by scripts/billing.sh: AMQP on this VM's address (for gateway-vm)" \
-      "# and on loopback; the Erlang distribution port on loopback only." \
+      "# and on loopback; the Erlang distribution port on $node_ip only." \
       "listeners.tcp.1 = 127.0.0.1:$RABBITMQ_PORT" \
       "listeners.tcp.2 = $RABBITMQ_HOST:$RABBITMQ_PORT" \
       "distribution.listener.interface = $node_ip" \
-      "loopback_users.guest = true"; then
+      "loopback_users.guest = true" \
+      "${cluster_conf[@]}"; then
       changed=1
     fi
     if write_file /etc/systemd/system/epmd.socket.d/movie-shop.conf \
-      "# Managed by scripts/billing.sh: epmd on loopback only." \
+      "# Managed by scripts/billing.sh: epmd on loopback (and the cluster's address)." \
       "[Socket]" "ListenStream=" "ListenStream=127.0.0.1:4369" \
       "$([[ "$node_ip" == 127.0.0.1 ]] || echo "ListenStream=$node_ip:4369")"; then
       changed=1
@@ -382,11 +457,83 @@ ensure_rabbitmq() {
     if ! grep "protocol: amqp" <<<"$listeners" | grep -qF "$RABBITMQ_HOST"; then
       die "rabbitmq does not listen on $RABBITMQ_HOST; check /etc/rabbitmq/rabbitmq-env.conf"
     fi
+    if is_cluster; then
+      ensure_rabbitmq_cluster
+    fi
     if rabbitmqctl -q list_users | cut -f1 | grep -qx guest; then
       log "rabbitmq: deleting the guest user"
       rabbitmqctl -q delete_user guest >/dev/null
     fi
   fi
+}
+
+# ensure_cluster_names: each node's host name on its private address in
+# /etc/hosts (Erlang finds its peers, and rabbitmqctl its node, by name), and
+# this host's own name no longer on 127.0.1.1.
+ensure_cluster_names() {
+  local node key lines=() name
+  name="$(hostname -s)"
+  for node in "${CLUSTER_NODES[@]}"; do
+    key="${node#*:}"
+    lines+=("${!key}	${node%%:*}")
+  done
+  {
+    printf '# movie-shop: the RabbitMQ nodes\n'
+    printf '%s\n' "${lines[@]}"
+    printf '# movie-shop: end\n'
+    sed -e '/^# movie-shop: the RabbitMQ nodes$/,/^# movie-shop: end$/d' \
+      -e "/^127\.0\.1\.1[[:space:]]/s/[[:space:]]$name\([[:space:]]\|\$\)/ /g" \
+      -e '/^127\.0\.1\.1[[:space:]]*$/d' /etc/hosts
+  } >/etc/hosts.movie-shop
+  if ! cmp -s /etc/hosts.movie-shop /etc/hosts; then
+    cat /etc/hosts.movie-shop >/etc/hosts
+  fi
+  rm -f /etc/hosts.movie-shop
+}
+
+# ensure_erlang_cookie: RABBITMQ_ERLANG_COOKIE as the node's (and rabbitmqctl's)
+# cookie; true if it changed (the node must then be restarted).
+ensure_erlang_cookie() {
+  local file=/var/lib/rabbitmq/.erlang.cookie
+  [[ "$(cat "$file" 2>/dev/null)" != "$RABBITMQ_ERLANG_COOKIE" ]] || return 1
+  log "rabbitmq: the Erlang cookie from .env"
+  if is_systemd; then
+    systemctl stop rabbitmq-server
+  fi
+  install -m 0400 -o rabbitmq -g rabbitmq /dev/null "$file"
+  printf '%s' "$RABBITMQ_ERLANG_COOKIE" >"$file"
+}
+
+# ensure_rabbitmq_cluster: a node other than the first joins the first one's
+# cluster (once that node answers, up to 10 minutes), unless it is in already.
+ensure_rabbitmq_cluster() {
+  local first="rabbit@${CLUSTER_NODES[0]%%:*}" tries
+  [[ "rabbit@$(hostname -s)" != "$first" ]] || return 0
+  if rabbitmqctl -q cluster_status --formatter json | grep -qF "\"$first\""; then
+    return 0
+  fi
+  log "rabbitmq: waiting for $first to answer"
+  for ((tries = 0; tries < 300; tries++)); do
+    rabbitmqctl -q -n "$first" await_startup --timeout 2 >/dev/null 2>&1 && break
+    sleep 2
+  done
+  log "rabbitmq: joining the cluster of $first"
+  # Joining logs warnings of the node's reset on stderr: shown only on failure.
+  local out
+  out="$({ rabbitmqctl -q stop_app && rabbitmqctl -q reset &&
+    rabbitmqctl -q join_cluster "$first" && rabbitmqctl -q start_app &&
+    rabbitmqctl -q await_startup --timeout 120; } 2>&1)" || die "rabbitmq: joining $first failed: $out"
+}
+
+# cluster_complete: every node of the cluster is running (then, and only then,
+# the quorum queue is declared: on all three).
+cluster_complete() {
+  local running node
+  running="$(rabbitmqctl -q cluster_status --formatter json)"
+  for node in "${CLUSTER_NODES[@]}"; do
+    python3 -c 'import json, sys; sys.exit(sys.argv[1] not in json.load(sys.stdin)["running_nodes"])' \
+      "rabbit@${node%%:*}" <<<"$running" || return 1
+  done
 }
 
 rabbitmq_running() {
@@ -438,6 +585,10 @@ ensure_billing_rabbitmq() {
     '^$' '^amq\.default$' '^$'
   ensure_rabbitmq_user "$RABBITMQ_BILLING_USER" "$RABBITMQ_BILLING_PASSWORD" \
     '^$' '^$' "^$queue\$"
+  if is_cluster && ! cluster_complete; then
+    log "rabbitmq: not every node has joined yet: the last to join declares $RABBITMQ_QUEUE"
+    return 0
+  fi
   ensure_billing_queues
 }
 
@@ -509,7 +660,8 @@ resume_publishing() {
 # arguments come from billing.py), by a user that exists only meanwhile, with
 # just the rights a declaration needs.
 declare_billing_queues() {
-  local user=movie-shop-provision password queue
+  local user password queue
+  user="movie-shop-provision-$(hostname -s)"
   queue="$(regex_quote "$RABBITMQ_QUEUE")"
   password="$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
   ensure_rabbitmq_user "$user" "$password" "^$queue(\\.dead)?\$" '^amq\.default$' "^$queue\$"

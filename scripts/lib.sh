@@ -135,7 +135,7 @@ is_cluster() {
 apply_topology() {
   is_cluster || return 0
   require_env BILLING_HOST BILLING_2_HOST BILLING_3_HOST INVENTORY_HOST INVENTORY_2_HOST \
-    RABBITMQ_ERLANG_COOKIE
+    RABBITMQ_CLUSTER_COOKIE
   # shellcheck disable=SC2153  # require_env just checked them
   export RABBITMQ_HOSTS="$BILLING_HOST,$BILLING_2_HOST,$BILLING_3_HOST"
   # shellcheck disable=SC2153
@@ -491,17 +491,17 @@ ensure_cluster_names() {
   rm -f /etc/hosts.movie-shop
 }
 
-# ensure_erlang_cookie: RABBITMQ_ERLANG_COOKIE as the node's (and rabbitmqctl's)
+# ensure_erlang_cookie: RABBITMQ_CLUSTER_COOKIE as the node's (and rabbitmqctl's)
 # cookie; true if it changed (the node must then be restarted).
 ensure_erlang_cookie() {
   local file=/var/lib/rabbitmq/.erlang.cookie
-  [[ "$(cat "$file" 2>/dev/null)" != "$RABBITMQ_ERLANG_COOKIE" ]] || return 1
+  [[ "$(cat "$file" 2>/dev/null)" != "$RABBITMQ_CLUSTER_COOKIE" ]] || return 1
   log "rabbitmq: the Erlang cookie from .env"
   if is_systemd; then
     systemctl stop rabbitmq-server
   fi
   install -m 0400 -o rabbitmq -g rabbitmq /dev/null "$file"
-  printf '%s' "$RABBITMQ_ERLANG_COOKIE" >"$file"
+  printf '%s' "$RABBITMQ_CLUSTER_COOKIE" >"$file"
 }
 
 # ensure_rabbitmq_cluster: a node other than the first joins the first one's

@@ -3,6 +3,7 @@ commands on them, calling the gateway from the reviewer's address, and the
 figures printed in the "three hosts" section at the end of the run."""
 
 import json
+import os
 import subprocess
 import urllib.error
 import urllib.request
@@ -30,6 +31,15 @@ APP_OF = {
     BILLING_VM: "billing_app",
 }
 IP_OF = {GATEWAY_VM: GATEWAY_IP, INVENTORY_VM: INVENTORY_IP, BILLING_VM: BILLING_IP}
+# The cluster's hosts (CLUSTER=1): RabbitMQ nodes and billing consumers, a
+# second inventory.
+BILLING_VMS = (BILLING_VM, "billing-vm-2", "billing-vm-3")
+INVENTORY_VM_2 = "inventory-vm-2"
+CLUSTER_IP_OF = {
+    "billing-vm-2": VM_ENV["BILLING_2_HOST"],
+    "billing-vm-3": VM_ENV["BILLING_3_HOST"],
+    INVENTORY_VM_2: VM_ENV["INVENTORY_2_HOST"],
+}
 NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
 COLLECTION = ROOT / "postman" / "movie-shop.postman_collection.json"
 VAGRANT_ENV = ROOT / "postman" / "vagrant.postman_environment.json"
@@ -75,11 +85,13 @@ def table(rows):
     return lines
 
 
-def hosts(*args, timeout=120, stdin=None):
-    """Run scripts/hosts.sh; return the completed process."""
+def hosts(*args, timeout=120, stdin=None, env=None):
+    """Run scripts/hosts.sh (env: settings added to this environment); return
+    the completed process."""
     return subprocess.run(
         [str(HOSTS), *args],
         cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
         input=stdin,
         capture_output=True,
         text=True,
@@ -140,12 +152,22 @@ def request(method, path, body=None, timeout=15):
         return status, raw
 
 
+def rabbitmqctl(*args, nodes=BILLING_VMS):
+    """rabbitmqctl -q args on the first of nodes whose node answers (a paused or
+    cut-off node does not); the completed process of the last try otherwise."""
+    proc = None
+    for name in nodes:
+        cmd = ("timeout", "15", "rabbitmqctl", "-q", *args)
+        proc = hosts("exec", name, "--", *cmd, timeout=30)
+        if proc.returncode == 0:
+            break
+    return proc
+
+
 def queue_depth(check=True):
-    """Messages in billing_queue on billing-vm, ready or delivered and unacked
-    (None if RabbitMQ does not answer and check is False)."""
-    proc = hosts(
-        "exec", BILLING_VM, "--", "rabbitmqctl", "-q", "list_queues", "name", "messages"
-    )
+    """Messages in billing_queue, ready or delivered and unacked, as a RabbitMQ
+    node says (None if none answers and check is False)."""
+    proc = rabbitmqctl("list_queues", "name", "messages")
     if proc.returncode != 0 and not check:
         return None
     assert proc.returncode == 0, proc.stdout + proc.stderr

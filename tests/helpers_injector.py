@@ -12,10 +12,14 @@ import subprocess
 import time
 
 from helpers_hosts import BILLING_VM
+from helpers_hosts import BILLING_VMS
+from helpers_hosts import CLUSTER_IP_OF
 from helpers_hosts import GATEWAY_VM
 from helpers_hosts import INVENTORY_VM
 from helpers_hosts import IP_OF
 from helpers_hosts import on
+from helpers_hosts import pm2_apps
+from helpers_hosts import rabbitmqctl
 from helpers_hosts import succeeds
 
 TABLE = "movie_shop_fault"  # beside the hosts' own firewall table, movie_shop
@@ -24,6 +28,8 @@ RABBITMQ = ("-x", "beam.smp")
 POSTGRES = ("-u", "postgres")
 POSTMASTER = ("-o", "-u", "postgres", "-x", "postgres")  # the oldest: the postmaster
 INVENTORY_APP = ("-u", "movie-inventory")
+BILLING_APP = ("-u", "movie-billing")
+ALL_IP_OF = {**IP_OF, **CLUSTER_IP_OF}
 BACK_WITHIN = 60  # seconds systemd has to bring a crashed service back
 
 
@@ -97,10 +103,10 @@ class Partition(Fault):
 
     def start(self):
         if self.one_way:
-            nft(self.a, drop_table(outgoing=[IP_OF[self.b]]))
+            nft(self.a, drop_table(outgoing=[ALL_IP_OF[self.b]]))
         else:
-            nft(self.a, drop_table([IP_OF[self.b]], [IP_OF[self.b]]))
-            nft(self.b, drop_table([IP_OF[self.a]], [IP_OF[self.a]]))
+            nft(self.a, drop_table([ALL_IP_OF[self.b]], [ALL_IP_OF[self.b]]))
+            nft(self.b, drop_table([ALL_IP_OF[self.a]], [ALL_IP_OF[self.a]]))
 
     def heal(self):
         unpartition(self.a)
@@ -230,13 +236,120 @@ def injected(fault):
         fault.heal()
 
 
+def queue_leader():
+    """The host whose RabbitMQ node leads billing_queue (a quorum queue)."""
+    proc = rabbitmqctl("list_queues", "name", "leader")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    leaders = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
+    return leaders["billing_queue"].removeprefix("rabbit@")
+
+
+class LeaderFault(Fault):
+    """A fault of the RabbitMQ node leading billing_queue, found when it starts."""
+
+    def __init__(self, kind, make):
+        self.kind, self.make, self.fault = kind, make, None
+        self.name = f"{kind} of the queue's leader"
+
+    def start(self):
+        self.fault = self.make(queue_leader())
+        self.name = f"{self.kind} of the queue's leader ({self.fault.host})"
+        self.fault.start()
+
+    def heal(self):
+        if self.fault is not None:
+            self.fault.heal()
+            self.back_in = getattr(self.fault, "back_in", None)
+
+    @property
+    def window(self):
+        return 0 if self.kind == "crash" else None
+
+
+class Isolate(Fault):
+    """Every packet between one RabbitMQ node and the other two dropped."""
+
+    def __init__(self, host=None):
+        self.host, self.others = host, ()
+        self.name = "partition of the queue's leader from the other nodes"
+
+    def start(self):
+        self.host = self.host or queue_leader()
+        self.others = [ALL_IP_OF[n] for n in BILLING_VMS if n != self.host]
+        self.name = f"partition {self.host} <-> the other RabbitMQ nodes"
+        nft(self.host, drop_table(self.others, self.others))
+        for name in BILLING_VMS:
+            if name != self.host:
+                nft(name, drop_table([ALL_IP_OF[self.host]], [ALL_IP_OF[self.host]]))
+
+    def heal(self):
+        for name in BILLING_VMS:
+            unpartition(name)
+
+
+class AppCrash(Fault):
+    """SIGKILL of a PM2 app's process; heal waits for PM2 to start it again."""
+
+    window = 0
+
+    def __init__(self, host, app, selector):
+        self.host, self.app, self.selector = host, app, selector
+        self.name = f"crash {app} on {host}"
+        self.killed_at, self.back_in, self.pid = None, None, None
+
+    def start(self):
+        self.pid = pm2_apps(self.host)[self.app][1]
+        on(self.host, "pkill", "-KILL", *self.selector)
+        self.killed_at = time.monotonic()
+
+    def heal(self):
+        while (
+            self.killed_at is not None
+            and time.monotonic() - self.killed_at < BACK_WITHIN
+        ):
+            status, pid, _ = pm2_apps(self.host)[self.app]
+            if status == "online" and pid and pid != self.pid:
+                self.back_in = time.monotonic() - self.killed_at
+                break
+            time.sleep(0.5)
+        self.killed_at = None
+
+
+class AppStop(Fault):
+    """`pm2 stop APP` on a host; heal: `pm2 start APP`."""
+
+    def __init__(self, host, app):
+        self.host, self.app = host, app
+        self.name = f"pm2 stop {app} on {host}, then start"
+
+    def start(self):
+        on(self.host, "pm2", "stop", self.app)
+
+    def heal(self):
+        on(self.host, "pm2", "start", self.app, check=False)
+
+
+def cluster_faults():
+    """The faults of the issue's cluster proof, in the order they run."""
+    rabbit = ("RabbitMQ", RABBITMQ)
+    return [
+        LeaderFault("crash", lambda h: Crash(h, *rabbit, "rabbitmq-server")),
+        Isolate(),
+        LeaderFault("pause", lambda h: Pause(h, *rabbit)),
+        AppCrash("billing-vm-2", "billing_app", BILLING_APP),
+        AppStop("inventory-vm-2", "inventory_app"),
+    ]
+
+
 def heal_everything():
     """Undo every fault this module can make, on every host (idempotent)."""
-    for name in IP_OF:
+    for name in ALL_IP_OF:
         unpartition(name)
     for name in (BILLING_VM, INVENTORY_VM):
         on(name, "pkill", "-CONT", *POSTGRES, check=False)
-    on(BILLING_VM, "pkill", "-CONT", *RABBITMQ, check=False)
+    for name in BILLING_VMS:
+        if name == BILLING_VM or succeeds(name, "true"):
+            on(name, "pkill", "-CONT", *RABBITMQ, check=False)
     on(INVENTORY_VM, "pkill", "-CONT", *INVENTORY_APP, check=False)
     DiskAlarm().heal()
 

@@ -48,4 +48,5 @@ ensure_billing_rabbitmq
 ensure_node_pm2
 pm2_start_app billing_app
 pm2_persist billing_app
+ensure_cluster_queues
 log "billing: billing_app consumes $RABBITMQ_QUEUE on ${RABBITMQ_HOSTS:-$RABBITMQ_HOST}:$RABBITMQ_PORT"

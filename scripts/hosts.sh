@@ -647,8 +647,11 @@ cmd_reboot() {
   log "$name: back up"
 }
 
+# require_name NAME: NAME is a host of the Vagrantfile (a cluster's too, so
+# that `exec` reaches one that runs whatever CLUSTER says now).
 require_name() {
-  [[ -n "${1:-}" && -n "${HOST_IP[$1]:-}" ]] || die "unknown host '${1:-}' (one of: ${NAMES[*]})"
+  [[ -n "${1:-}" && " ${ALL_NAMES[*]} " == *" $1 "* ]] ||
+    die "unknown host '${1:-}' (one of: ${ALL_NAMES[*]})"
 }
 
 main() {

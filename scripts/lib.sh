@@ -573,7 +573,7 @@ regex_quote() {
   sed 's/[].[\\*^$()+?{}|]/\\&/g' <<<"$1"
 }
 
-# ensure_billing_rabbitmq: the two service users and the queues. The gateway
+# ensure_billing_rabbitmq: the two service users (ensure_cluster_queues: the queues). The gateway
 # may publish through the default exchange (which routes by queue name) and
 # nothing else; billing may consume billing_queue and nothing else (RabbitMQ
 # dead-letters what billing rejects without any right of billing's). Neither
@@ -585,10 +585,27 @@ ensure_billing_rabbitmq() {
     '^$' '^amq\.default$' '^$'
   ensure_rabbitmq_user "$RABBITMQ_BILLING_USER" "$RABBITMQ_BILLING_PASSWORD" \
     '^$' '^$' "^$queue\$"
-  if is_cluster && ! cluster_complete; then
-    log "rabbitmq: not every node has joined yet: the last to join declares $RABBITMQ_QUEUE"
+}
+
+# ensure_cluster_queues: the queues, declared (or migrated) on the three VMs
+# here, and in the cluster only by its last node, once every node runs (one
+# node at a time may migrate: two would delete each other's new queue).
+# billing_app must run already: a migration waits for it to drain the queue.
+ensure_cluster_queues() {
+  local last="${CLUSTER_NODES[-1]%%:*}" tries
+  if ! is_cluster; then
+    ensure_billing_queues
+    return
+  fi
+  if [[ "$(hostname -s)" != "$last" ]]; then
+    log "rabbitmq: $last declares $RABBITMQ_QUEUE once every node has joined"
     return 0
   fi
+  for ((tries = 0; tries < 300; tries++)); do
+    cluster_complete && break
+    sleep 2
+  done
+  cluster_complete || die "rabbitmq: not every node of ${CLUSTER_NODES[*]%%:*} runs"
   ensure_billing_queues
 }
 
@@ -629,10 +646,19 @@ migrate_billing_queue() {
   log "rabbitmq: $RABBITMQ_QUEUE drained in $waited s and deleted; declaring it as a $want queue"
 }
 
-# queue_field FIELD: a field of billing_queue in rabbitmqctl list_queues, or nothing.
+# queue_field type|messages|consumers: that of billing_queue, or nothing if
+# there is none. Asked of that queue alone: list_queues waits for every
+# queue of the cluster, and fails if one does not answer in time.
 queue_field() {
-  rabbitmqctl -q list_queues --no-table-headers name "$1" |
-    awk -F'\t' -v q="$RABBITMQ_QUEUE" '$1 == q { print $2 }'
+  local column
+  column="$(printf 'type\nmessages\nconsumers\n' | grep -nx "$1" | cut -d: -f1)"
+  rabbitmqctl -q eval "case rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue,
+      <<\"$RABBITMQ_QUEUE\">>)) of
+    {ok, Q} -> [{type, T}, {messages, M}, {consumers, C}] =
+                 rabbit_amqqueue:info(Q, [type, messages, consumers]),
+               io:format(\"queue ~s ~b ~b~n\", [T, M, C]);
+    _ -> ok
+  end." | awk -v c="$column" '$1 == "queue" { print $(c + 1) }'
 }
 
 # pause_publishing, resume_publishing: a memory alarm (watermark 0) blocks
@@ -740,6 +766,13 @@ pm2_start_app() {
     "$(pm2_app_field "$app" exec_interpreter)" != "$VENV_ROOT/${app_venv[$app]}/bin/python" ||
     "$(pm2_app_field "$app" uid)" != @("$user"|"$(id -u "$user")")) ]]; then
     log "pm2: $app runs from elsewhere or as another user, replacing it"
+    pm2 delete "$app" >/dev/null
+  fi
+  # A reload keeps the environment the app was first started with, whatever
+  # --update-env says: one started in another topology is replaced too.
+  if [[ "$(pm2_app_field "$app" pm_exec_path)" != "" &&
+    "$(pm2_app_field "$app" CLUSTER)" != "${CLUSTER:-0}" ]]; then
+    log "pm2: $app was started with CLUSTER=$(pm2_app_field "$app" CLUSTER), replacing it"
     pm2 delete "$app" >/dev/null
   fi
   log "pm2: start or reload $app"

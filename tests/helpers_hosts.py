@@ -164,16 +164,35 @@ def rabbitmqctl(*args, nodes=BILLING_VMS):
     return proc
 
 
+def queue_info(queue=VM_ENV["RABBITMQ_QUEUE"], items=("messages",)):
+    """{item: value as text} of one queue (rabbit_amqqueue:info, asked of that
+    queue alone: list_queues fails if any queue of the cluster is slow), from
+    the first node that answers; {} if it has no such queue, None if no node
+    answers."""
+    keys = ", ".join(items)
+    proc = rabbitmqctl(
+        "eval",
+        f'case rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)) of'
+        f' {{ok, Q}} -> [io:format("info ~s ~p~n", [K, V])'
+        f" || {{K, V}} <- rabbit_amqqueue:info(Q, [{keys}])], ok; _ -> ok end.",
+    )
+    if proc.returncode != 0:
+        return None
+    return dict(
+        line.split(" ", 2)[1:]
+        for line in proc.stdout.splitlines()
+        if line.startswith("info ")
+    )
+
+
 def queue_depth(check=True):
     """Messages in billing_queue, ready or delivered and unacked, as a RabbitMQ
     node says (None if none answers and check is False)."""
-    proc = rabbitmqctl("list_queues", "name", "messages")
-    if proc.returncode != 0 and not check:
+    info = queue_info()
+    if info is None and not check:
         return None
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    out = proc.stdout
-    counts = dict(line.split() for line in out.splitlines() if line.strip())
-    return int(counts.get(VM_ENV["RABBITMQ_QUEUE"], 0))
+    assert info is not None, "no RabbitMQ node answers"
+    return int(info.get("messages", 0))
 
 
 def orders_of(user_ids):

@@ -8,6 +8,7 @@ host. This kernel has no netem: no delay and no loss rate, only drops.
 """
 
 import contextlib
+import re
 import subprocess
 import time
 
@@ -19,7 +20,7 @@ from helpers_hosts import INVENTORY_VM
 from helpers_hosts import IP_OF
 from helpers_hosts import on
 from helpers_hosts import pm2_apps
-from helpers_hosts import rabbitmqctl
+from helpers_hosts import queue_info
 from helpers_hosts import succeeds
 
 TABLE = "movie_shop_fault"  # beside the hosts' own firewall table, movie_shop
@@ -238,10 +239,9 @@ def injected(fault):
 
 def queue_leader():
     """The host whose RabbitMQ node leads billing_queue (a quorum queue)."""
-    proc = rabbitmqctl("list_queues", "name", "leader")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    leaders = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
-    return leaders["billing_queue"].removeprefix("rabbit@")
+    info = queue_info(items=("leader",))
+    assert info, "no RabbitMQ node answers"
+    return re.search(r"rabbit@([\w-]+)", info["leader"]).group(1)
 
 
 class LeaderFault(Fault):

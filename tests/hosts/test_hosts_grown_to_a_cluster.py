@@ -13,6 +13,7 @@ import concurrent.futures
 import itertools
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from helpers_hosts import hosts
 from helpers_hosts import on
 from helpers_hosts import orders_of
 from helpers_hosts import psql
-from helpers_hosts import rabbitmqctl
+from helpers_hosts import queue_info
 from helpers_hosts import request
 from helpers_injector import ALL_IP_OF
 from helpers_injector import cluster_faults
@@ -108,17 +109,26 @@ def memory(label):
 
 def queue_members():
     """billing_queue's type and its members' host names, as a node says."""
-    proc = rabbitmqctl("list_queues", "name", "type", "members", "--formatter", "json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    queues = {q["name"]: q for q in json.loads(proc.stdout)}
-    queue = queues["billing_queue"]
-    return queue["type"], sorted(m.removeprefix("rabbit@") for m in queue["members"])
+    info = queue_info(items=("type", "members"))
+    assert info, "no RabbitMQ node answers"
+    return info["type"], sorted(re.findall(r"rabbit@([\w-]+)", info["members"]))
 
 
 def replicas_online():
     """The quorum queue's members that take part in its Raft group."""
-    proc = rabbitmqctl("quorum_status", "billing_queue", "--formatter", "json")
-    if proc.returncode != 0:
+    for name in BILLING_VMS:
+        cmd = (
+            "timeout",
+            "15",
+            "rabbitmq-queues",
+            "-q",
+            "quorum_status",
+            "billing_queue",
+        )
+        proc = hosts("exec", name, "--", *cmd, "--formatter", "json", timeout=30)
+        if proc.returncode == 0:
+            break
+    else:
         return []
     states = json.loads(proc.stdout)
     return sorted(
@@ -209,6 +219,5 @@ def test_cluster_fault(cluster, index):
     helpers.wait_for(all_serving, 120, interval=1, what="the cluster serving first")
     run_fault(FAULTS[index], 100 + index)
     helpers.wait_for(all_serving, 120, interval=1, what="the cluster serving again")
-    proc = rabbitmqctl("list_queues", "name", "messages")
-    dead = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
-    assert int(dead.get("billing_queue.dead", 0)) == 0, dead
+    dead = queue_info("billing_queue.dead")
+    assert dead == {"messages": "0"}, dead

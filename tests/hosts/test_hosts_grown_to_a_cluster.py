@@ -172,7 +172,9 @@ def cluster(three_hosts):
             figure("  " + line.removeprefix("==> timing: "))
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     helpers.wait_for(all_serving, 120, interval=1, what="the cluster serving")
-    log = Path("/var/lib/movie-shop/hosts", BILLING_VMS[-1], "provision.log").read_text()
+    log = Path(
+        "/var/lib/movie-shop/hosts", BILLING_VMS[-1], "provision.log"
+    ).read_text()
     assert "drained in" in log, "the classic queue was not migrated"
     assert queue_members() == ("quorum", sorted(BILLING_VMS))
     stored = orders_of(queued)

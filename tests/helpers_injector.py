@@ -70,7 +70,7 @@ def drop_table(incoming=(), outgoing=()):
         lines.append(f"  chain {chain} {{")
         lines.append(f"    type filter hook {hook} priority -50; policy accept;")
         if addresses:
-            lines.append(f"    {match} {{ {', '.join(addresses)} }} drop")
+            lines.append(f"    {match} {{ {', '.join(addresses)} }} counter drop")
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -248,13 +248,20 @@ class LeaderFault(Fault):
     """A fault of the RabbitMQ node leading billing_queue, found when it starts."""
 
     def __init__(self, kind, make):
-        self.kind, self.make, self.fault = kind, make, None
+        self.kind, self.make, self.fault, self.back_in = kind, make, None, None
         self.name = f"{kind} of the queue's leader"
 
     def start(self):
         self.fault = self.make(queue_leader())
         self.name = f"{self.kind} of the queue's leader ({self.fault.host})"
         self.fault.start()
+
+    def seen(self):
+        """The leader's RabbitMQ is stopped (state T) while paused."""
+        if not isinstance(self.fault, Pause):
+            return False
+        states = on(self.fault.host, "ps", "-o", "stat=", "-C", "beam.smp", check=False)
+        return any(state.startswith("T") for state in states.split())
 
     def heal(self):
         if self.fault is not None:
@@ -281,6 +288,28 @@ class Isolate(Fault):
         for name in BILLING_VMS:
             if name != self.host:
                 nft(name, drop_table([ALL_IP_OF[self.host]], [ALL_IP_OF[self.host]]))
+
+    def seen(self):
+        """Packets between the nodes were dropped: the cut is real (the node
+        pauses itself only once Erlang sees its peers gone, up to a minute)."""
+        listed = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns(self.host),
+                "nft",
+                "list",
+                "table",
+                "inet",
+                TABLE,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+        return any(int(n) > 0 for n in re.findall(r"packets (\d+)", listed))
 
     def heal(self):
         for name in BILLING_VMS:

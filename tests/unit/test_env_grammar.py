@@ -31,7 +31,7 @@ set -euo pipefail
     [[ -n "${before[$name]:-}" ]] || printf '%s\0%s\0' "$name" "${!name}"
   done
 ) || printf '\x02\0'
-printf -- '--\0'
+printf '\x03\0'  # between the two readings: no value can hold it
 (
   source "$1/scripts/hosts.sh"
   read_env_file "$2"
@@ -125,7 +125,7 @@ def read_both_bash(path):
         env={"PATH": "/usr/bin:/bin"},
     )
     fields = done.stdout.decode().split("\0")[:-1]
-    cut = fields.index("--")
+    cut = fields.index("\x03")  # not "--", which a value may be
     error = done.stderr.decode(errors="replace")
     return tuple(_settings(part, error) for part in (fields[:cut], fields[cut + 1 :]))
 

@@ -433,25 +433,11 @@ wait_booted() {
   die "$name did not boot within $BOOT_TIMEOUT s (state: ${state:-none})"
 }
 
-# prepare_host NAME BASE REGISTRIES: the host's overlay on BASE, with its name, the
-# registries in /etc/hosts, and this machine's apt, CA, pip and npm settings.
-prepare_host() {
-  local name="$1" base="$2" registries="$3" dir root file key var value
-  dir="$(host_dir "$name")"
-  root="$dir/root"
-  mkdir -p "$dir/upper" "$dir/work" "$root"
-  if ! mountpoint -q "$root"; then
-    mount -t overlay overlay \
-      -o "lowerdir=$base,upperdir=$dir/upper,workdir=$dir/work" "$root"
-  fi
-  echo "$name" >"$root/etc/hostname"
-  [[ -s "$root/etc/machine-id" ]] || systemd-id128 new >"$root/etc/machine-id"
-  {
-    printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' "$name"
-    printf '# Package registries, as this machine resolves them (the hosts have no DNS).\n'
-    awk '{ printf "%s\t%s\n", $1, $2 }' <<<"$registries" | sort -u -k2,2
-  } >"$root/etc/hosts"
-  printf '# No DNS: the package registries are in /etc/hosts.\n' >"$root/etc/resolv.conf"
+# copy_registry_settings ROOT: this machine's apt sources and settings, extra CA
+# certificates, pip and npm settings into the Debian root file system ROOT, so
+# that its package managers reach the registries as this machine does.
+copy_registry_settings() {
+  local root="$1" file key var value
   # apt: this machine's sources and its own settings (files no package owns).
   rm -f "$root/etc/apt/sources.list"
   mkdir -p "$root/etc/apt/sources.list.d" "$root/etc/apt/apt.conf.d"
@@ -482,8 +468,30 @@ prepare_host() {
   } >"$root/root/.config/pip/pip.conf"
   # npm: root's and the global npmrc.
   for file in /root/.npmrc /etc/npmrc; do
-    [[ -f "$file" ]] && cp "$file" "$root$file"
+    if [[ -f "$file" ]]; then cp "$file" "$root$file"; fi
   done
+}
+
+# prepare_host NAME BASE REGISTRIES: the host's overlay on BASE, with its name, the
+# registries in /etc/hosts, and this machine's apt, CA, pip and npm settings.
+prepare_host() {
+  local name="$1" base="$2" registries="$3" dir root
+  dir="$(host_dir "$name")"
+  root="$dir/root"
+  mkdir -p "$dir/upper" "$dir/work" "$root"
+  if ! mountpoint -q "$root"; then
+    mount -t overlay overlay \
+      -o "lowerdir=$base,upperdir=$dir/upper,workdir=$dir/work" "$root"
+  fi
+  echo "$name" >"$root/etc/hostname"
+  [[ -s "$root/etc/machine-id" ]] || systemd-id128 new >"$root/etc/machine-id"
+  {
+    printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' "$name"
+    printf '# Package registries, as this machine resolves them (the hosts have no DNS).\n'
+    awk '{ printf "%s\t%s\n", $1, $2 }' <<<"$registries" | sort -u -k2,2
+  } >"$root/etc/hosts"
+  printf '# No DNS: the package registries are in /etc/hosts.\n' >"$root/etc/resolv.conf"
+  copy_registry_settings "$root"
   mkdir -p "$root/vagrant"
 }
 

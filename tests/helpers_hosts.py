@@ -4,11 +4,16 @@ figures printed in the "three hosts" section at the end of the run."""
 
 import json
 import os
+import re
 import subprocess
+import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
+import helpers
+import pytest
 from dotenv import dotenv_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,9 +105,28 @@ def hosts(*args, timeout=120, stdin=None, env=None):
     )
 
 
+def hosts_exec(name, cmd, timeout, stdin):
+    """cmd as root inside host name, by scripts/hosts.sh exec."""
+    return hosts("exec", name, "--", *cmd, timeout=timeout, stdin=stdin)
+
+
+# How on() reaches a VM: hosts.sh exec, or what reached_by() sets (vagrant ssh).
+REACH = [hosts_exec]
+
+
+@contextmanager
+def reached_by(run):
+    """on(), psql() and the rest reach the VMs with run(name, cmd, timeout, stdin)."""
+    REACH.append(run)
+    try:
+        yield
+    finally:
+        REACH.pop()
+
+
 def on(name, *cmd, timeout=60, stdin=None, check=True):
     """Run cmd as root inside host name; return its standard output."""
-    proc = hosts("exec", name, "--", *cmd, timeout=timeout, stdin=stdin)
+    proc = REACH[-1](name, cmd, timeout, stdin)
     if check:
         assert proc.returncode == 0, f"{name}: {cmd} failed: {proc.stdout}{proc.stderr}"
     return proc.stdout
@@ -110,7 +134,7 @@ def on(name, *cmd, timeout=60, stdin=None, check=True):
 
 def succeeds(name, *cmd, timeout=60):
     """Whether cmd exits 0 inside host name."""
-    return hosts("exec", name, "--", *cmd, timeout=timeout).returncode == 0
+    return REACH[-1](name, cmd, timeout, None).returncode == 0
 
 
 def psql(name, db, query):
@@ -213,3 +237,102 @@ def order(user_id, items="1", total="1"):
         return request("POST", "/api/billing/", body, timeout=20)[0]
     except OSError:
         return None
+
+
+def replay_audit(step, patience=1):
+    """The audit's steps 6-16 and 8 (newman), against the gateway from the
+    reviewer's address and on the VMs; step(text) records each result.
+    patience multiplies the waits (VMs under emulation are slower)."""
+
+    assert gateway_healthy(), request("GET", "/health")
+    step(f"GET {GATEWAY}/health -> 200 {HEALTHY}")
+
+    movie = {"title": "A new movie", "description": "Very short description"}
+    status, created = request("POST", "/api/movies/", movie)
+    assert status == 201, created
+    step(f"POST /api/movies/ -> {status} id={created['id']}")
+    status, listed = request("GET", "/api/movies/")
+    assert status == 200 and created in listed
+    step(f"GET /api/movies/ -> {status}, lists it")
+    movie_path = f"/api/movies/{created['id']}/"
+    status, renamed = request("PUT", movie_path, {"title": "Renamed"})
+    assert (status, renamed["title"]) == (200, "Renamed")
+    assert request("GET", movie_path) == (200, renamed)
+    assert request("DELETE", movie_path)[0] == 200
+    assert request("GET", movie_path)[0] == 404
+    step(f"PUT, GET, DELETE, GET {movie_path} -> 200, 200, 200, 404")
+    status, created = request("POST", "/api/movies/", movie)
+    assert status == 201
+
+    databases = on(INVENTORY_VM, "sudo", "-i", "-u", "postgres", "psql", "-X", "-l")
+    assert MOVIES_DB in databases
+    rows = psql(INVENTORY_VM, MOVIES_DB, "SELECT id, title, description FROM movies")
+    assert rows == [[str(created["id"]), movie["title"], movie["description"]]]
+    step(f"inventory-vm: psql -l lists {MOVIES_DB}; TABLE movies = {rows}")
+
+    order_20 = {"user_id": "20", "number_of_items": "99", "total_amount": "250"}
+    order_22 = {"user_id": "22", "number_of_items": "10", "total_amount": "50"}
+    assert request("POST", "/api/billing/", order_20) == (
+        200,
+        {"message": "Message posted"},
+    )
+    helpers.wait_for(
+        lambda: orders_of([20]) == {20: 1},
+        30 * patience,
+        interval=0.5,
+        what="order 20 in billing_db",
+    )
+    step("POST /api/billing/ user 20 -> 200; stored on billing-vm")
+
+    on(BILLING_VM, "sudo", "pm2", "stop", "billing_app")
+    try:
+        listing = on(BILLING_VM, "sudo", "pm2", "list", "--no-color")
+        assert re.search(r"billing_app\s.*\sstopped\s", listing), listing
+        step("billing-vm: sudo pm2 stop billing_app; pm2 list says stopped")
+        assert request("POST", "/api/billing/", order_22) == (
+            200,
+            {"message": "Message posted"},
+        )
+        time.sleep(3 * patience)
+        assert MOVIES_DB not in psql(
+            BILLING_VM, "postgres", "SELECT datname FROM pg_database"
+        )
+        assert BILLING_DB in on(
+            BILLING_VM, "sudo", "-i", "-u", "postgres", "psql", "-X", "-l"
+        )
+        stored = psql(
+            BILLING_VM, BILLING_DB, "SELECT user_id, number_of_items FROM orders"
+        )
+        assert stored == [["20", "99"]]
+        step(f"POST user 22 -> 200 while stopped; TABLE orders = {stored}")
+    finally:
+        on(BILLING_VM, "sudo", "pm2", "start", "billing_app")
+    helpers.wait_for(
+        lambda: orders_of([22]) == {22: 1},
+        30 * patience,
+        interval=0.5,
+        what="order 22 stored after pm2 start",
+    )
+    step("billing-vm: sudo pm2 start billing_app; order 22 stored")
+
+    for name, app in APP_OF.items():
+        apps = pm2_apps(name)
+        assert {a: s[0] for a, s in apps.items()} == {app: "online"}, apps
+    step("sudo pm2 list: api_gateway, inventory_app, billing_app online, one per VM")
+
+    if not NEWMAN.exists():
+        pytest.fail(f"{NEWMAN} is missing: run `npm ci --ignore-scripts` in {ROOT}")
+    proc = subprocess.run(
+        [NEWMAN, "run", COLLECTION, "-e", VAGRANT_ENV, "--color", "off"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    totals = re.search(r"│\s+assertions\s+│\s+(\d+)\s+│\s+(\d+)\s+│", proc.stdout)
+    assert totals, proc.stdout[-2000:]
+    step(
+        f"newman vagrant environment: assertions {totals.group(1)}, failed {totals.group(2)}"
+    )

@@ -20,24 +20,18 @@ import threading
 import time
 
 import helpers
-import pytest
 from helpers_hosts import APP_OF
 from helpers_hosts import BILLING_DB
 from helpers_hosts import BILLING_IP
 from helpers_hosts import BILLING_VM
 from helpers_hosts import BRIDGE_IP
-from helpers_hosts import COLLECTION
-from helpers_hosts import GATEWAY
 from helpers_hosts import GATEWAY_IP
 from helpers_hosts import GATEWAY_VM
-from helpers_hosts import HEALTHY
 from helpers_hosts import INVENTORY_IP
 from helpers_hosts import INVENTORY_VM
 from helpers_hosts import IP_OF
 from helpers_hosts import MOVIES_DB
-from helpers_hosts import NEWMAN
 from helpers_hosts import ROOT
-from helpers_hosts import VAGRANT_ENV
 from helpers_hosts import VM_ENV
 from helpers_hosts import figure
 from helpers_hosts import gateway_healthy
@@ -47,6 +41,7 @@ from helpers_hosts import order
 from helpers_hosts import orders_of
 from helpers_hosts import pm2_apps
 from helpers_hosts import psql
+from helpers_hosts import replay_audit
 from helpers_hosts import request
 
 # What may listen on each host: (address, port, process). A new listener, or a
@@ -168,102 +163,7 @@ def test_hosts_get_the_environment_vagrant_passes():
 
 def test_audit_across_three_hosts(three_hosts):
     """The audit's steps 6-16 and 8 (newman), against 192.168.56.10 and on the VMs."""
-
-    def step(text):
-        figure(f"audit: {text}")
-
-    assert gateway_healthy(), request("GET", "/health")
-    step(f"GET {GATEWAY}/health -> 200 {HEALTHY}")
-
-    movie = {"title": "A new movie", "description": "Very short description"}
-    status, created = request("POST", "/api/movies/", movie)
-    assert status == 201, created
-    step(f"POST /api/movies/ -> {status} id={created['id']}")
-    status, listed = request("GET", "/api/movies/")
-    assert status == 200 and created in listed
-    step(f"GET /api/movies/ -> {status}, lists it")
-    movie_path = f"/api/movies/{created['id']}/"
-    status, renamed = request("PUT", movie_path, {"title": "Renamed"})
-    assert (status, renamed["title"]) == (200, "Renamed")
-    assert request("GET", movie_path) == (200, renamed)
-    assert request("DELETE", movie_path)[0] == 200
-    assert request("GET", movie_path)[0] == 404
-    step(f"PUT, GET, DELETE, GET {movie_path} -> 200, 200, 200, 404")
-    status, created = request("POST", "/api/movies/", movie)
-    assert status == 201
-
-    databases = on(INVENTORY_VM, "sudo", "-i", "-u", "postgres", "psql", "-X", "-l")
-    assert MOVIES_DB in databases
-    rows = psql(INVENTORY_VM, MOVIES_DB, "SELECT id, title, description FROM movies")
-    assert rows == [[str(created["id"]), movie["title"], movie["description"]]]
-    step(f"inventory-vm: psql -l lists {MOVIES_DB}; TABLE movies = {rows}")
-
-    order_20 = {"user_id": "20", "number_of_items": "99", "total_amount": "250"}
-    order_22 = {"user_id": "22", "number_of_items": "10", "total_amount": "50"}
-    assert request("POST", "/api/billing/", order_20) == (
-        200,
-        {"message": "Message posted"},
-    )
-    helpers.wait_for(
-        lambda: orders_of([20]) == {20: 1},
-        30,
-        interval=0.5,
-        what="order 20 in billing_db",
-    )
-    step("POST /api/billing/ user 20 -> 200; stored on billing-vm")
-
-    on(BILLING_VM, "sudo", "pm2", "stop", "billing_app")
-    try:
-        listing = on(BILLING_VM, "sudo", "pm2", "list", "--no-color")
-        assert re.search(r"billing_app\s.*\sstopped\s", listing), listing
-        step("billing-vm: sudo pm2 stop billing_app; pm2 list says stopped")
-        assert request("POST", "/api/billing/", order_22) == (
-            200,
-            {"message": "Message posted"},
-        )
-        time.sleep(3)
-        assert MOVIES_DB not in psql(
-            BILLING_VM, "postgres", "SELECT datname FROM pg_database"
-        )
-        assert BILLING_DB in on(
-            BILLING_VM, "sudo", "-i", "-u", "postgres", "psql", "-X", "-l"
-        )
-        stored = psql(
-            BILLING_VM, BILLING_DB, "SELECT user_id, number_of_items FROM orders"
-        )
-        assert stored == [["20", "99"]]
-        step(f"POST user 22 -> 200 while stopped; TABLE orders = {stored}")
-    finally:
-        on(BILLING_VM, "sudo", "pm2", "start", "billing_app")
-    helpers.wait_for(
-        lambda: orders_of([22]) == {22: 1},
-        30,
-        interval=0.5,
-        what="order 22 stored after pm2 start",
-    )
-    step("billing-vm: sudo pm2 start billing_app; order 22 stored")
-
-    for name, app in APP_OF.items():
-        apps = pm2_apps(name)
-        assert {a: s[0] for a, s in apps.items()} == {app: "online"}, apps
-    step("sudo pm2 list: api_gateway, inventory_app, billing_app online, one per VM")
-
-    if not NEWMAN.exists():
-        pytest.fail(f"{NEWMAN} is missing: run `npm ci --ignore-scripts` in {ROOT}")
-    proc = subprocess.run(
-        [NEWMAN, "run", COLLECTION, "-e", VAGRANT_ENV, "--color", "off"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    totals = re.search(r"│\s+assertions\s+│\s+(\d+)\s+│\s+(\d+)\s+│", proc.stdout)
-    assert totals, proc.stdout[-2000:]
-    step(
-        f"newman vagrant environment: assertions {totals.group(1)}, failed {totals.group(2)}"
-    )
+    replay_audit(lambda text: figure(f"audit: {text}"))
 
 
 def test_network_as_designed(three_hosts):

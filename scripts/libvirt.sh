@@ -266,7 +266,7 @@ cmd_box() {
 
 # --- libvirt ---
 
-# ours_running: the daemons this script started (their PID files), still running.
+# started_daemons: the daemons this script started (their PID files), still running.
 started_daemons() {
   local file
   for file in "$LIBVIRT_STATE"/*.pid; do
